@@ -1,0 +1,133 @@
+"""Interfaces (Protocols) that adapters implement and the coordinator/participant use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+from conclave.core.parameters import Parameters
+from conclave.core.records import (
+    CheckpointRecord,
+    ContributionRecord,
+    ParticipantEvent,
+    RoundRecord,
+    RunRecord,
+)
+from conclave.core.types import (
+    Config,
+    EvaluateResult,
+    Evaluation,
+    FitResult,
+    HeartbeatReply,
+    JoinReply,
+    JoinRequest,
+    RoundStatus,
+    RunStatus,
+    TaskAssignment,
+    TaskKind,
+    TrainerContext,
+    Update,
+    Verdict,
+)
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """User code that trains and evaluates a model on local data."""
+
+    def get_weights(self) -> Parameters: ...
+
+    def set_weights(self, parameters: Parameters) -> None: ...
+
+    def fit(self, config: Config) -> FitResult: ...
+
+    def evaluate(self, config: Config) -> EvaluateResult: ...
+
+
+TrainerFactory = Callable[[TrainerContext], Trainer]
+
+
+class Ledger(Protocol):
+    """The coordinator's durable record. Every write is durable when the call returns."""
+
+    def create_run(self, run: RunRecord) -> None: ...
+
+    def get_run(self, run_id: str) -> RunRecord: ...
+
+    def runs(self) -> Sequence[RunRecord]: ...
+
+    def set_run_status(self, run_id: str, status: RunStatus, reason: str = "") -> None: ...
+
+    def record_participant_event(self, event: ParticipantEvent) -> None: ...
+
+    def participant_events(
+        self, run_id: str, participant: str | None = None
+    ) -> Sequence[ParticipantEvent]: ...
+
+    def start_round(self, record: RoundRecord) -> None: ...
+
+    def finish_round(
+        self,
+        run_id: str,
+        round: int,
+        kind: TaskKind,
+        status: RoundStatus,
+        *,
+        finished_at: float,
+        metrics: Mapping[str, float] | None = None,
+        reason: str = "",
+    ) -> None:
+        """Close a round without a new global model (an evaluation round, or a failure)."""
+        ...
+
+    def commit_round(
+        self,
+        run_id: str,
+        round: int,
+        parameters: Parameters,
+        *,
+        finished_at: float,
+        metrics: Mapping[str, float] | None = None,
+    ) -> CheckpointRecord:
+        """Atomically store the new global model as a checkpoint and mark the FIT round
+        committed with the checkpoint's digest. When this returns, both are durable."""
+        ...
+
+    def rounds(self, run_id: str) -> Sequence[RoundRecord]: ...
+
+    def record_contribution(self, record: ContributionRecord) -> None: ...
+
+    def contributions(
+        self, run_id: str, round: int | None = None
+    ) -> Sequence[ContributionRecord]: ...
+
+    def checkpoints(self, run_id: str) -> Sequence[CheckpointRecord]: ...
+
+    def load_checkpoint(self, run_id: str, round: int) -> Parameters:
+        """Read a checkpoint back, checking its digest (CheckpointCorrupted if it differs)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class CoordinatorService(Protocol):
+    """What participants call on the coordinator, whatever the transport.
+
+    The coordinator implements it; ``transport.memory`` hands it over in-process and
+    ``transport.grpc`` exposes it as a gRPC server (and offers a client implementing the same
+    Protocol to participants). Unknown run ids, unknown participants and wrong protocol versions
+    raise ``RemoteProtocolError``; the content of a submission is judged in the returned
+    ``Verdict`` (accepted, or rejected with the reason) and recorded in the ledger.
+    """
+
+    def join(self, request: JoinRequest) -> JoinReply: ...
+
+    def heartbeat(
+        self, run_id: str, participant: str, telemetry: Mapping[str, float]
+    ) -> HeartbeatReply: ...
+
+    def fetch_task(self, run_id: str, participant: str, wait_s: float) -> TaskAssignment: ...
+
+    def submit_update(self, update: Update) -> Verdict: ...
+
+    def submit_evaluation(self, evaluation: Evaluation) -> Verdict: ...

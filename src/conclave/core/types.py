@@ -1,0 +1,150 @@
+"""Value objects shared by every layer."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from conclave.core.parameters import Parameters
+
+PROTOCOL_VERSION = 1
+"""Wire protocol version. Every message carries it; the coordinator rejects others."""
+
+Scalar = bool | int | float | str
+Config = Mapping[str, Scalar]
+Metrics = Mapping[str, float]
+
+
+class TaskKind(enum.Enum):
+    FIT = "fit"
+    EVALUATE = "evaluate"
+
+
+class ContributionStatus(enum.Enum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    LATE = "late"
+    DROPPED = "dropped"
+
+
+class RoundStatus(enum.Enum):
+    RUNNING = "running"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class RunStatus(enum.Enum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class ParticipantState(enum.Enum):
+    JOINED = "joined"
+    TASKED = "tasked"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    LOST = "lost"
+    REJOINED = "rejoined"
+    LEFT = "left"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainerContext:
+    """What a trainer factory is told when it builds a trainer.
+
+    ``participant`` is None on the coordinator, which builds a trainer only to read the
+    initial weights; participants get their own name (e.g. ``hospital-0``).
+    """
+
+    participant: str | None
+    seed: int
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FitResult:
+    parameters: Parameters
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluateResult:
+    loss: float
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Task:
+    """What one participant is asked to do in one round."""
+
+    run_id: str
+    round: int
+    kind: TaskKind
+    config: Config
+    parameters: Parameters
+    deadline_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Update:
+    """A participant's answer to a FIT task, as received by the coordinator."""
+
+    run_id: str
+    round: int
+    participant: str
+    num_examples: int
+    parameters: Parameters
+    metrics: Metrics = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evaluation:
+    """A participant's answer to an EVALUATE task."""
+
+    run_id: str
+    round: int
+    participant: str
+    loss: float
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verdict:
+    """The coordinator's answer to a submission."""
+
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JoinRequest:
+    participant: str
+    protocol_version: int = PROTOCOL_VERSION
+    capabilities: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JoinReply:
+    run_id: str
+    heartbeat_interval_s: float
+    current_round: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeartbeatReply:
+    has_task: bool
+    run_finished: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskAssignment:
+    """The reply to FetchTask: a task, nothing yet, or the news that the run is over."""
+
+    task: Task | None
+    run_finished: bool = False
