@@ -1,0 +1,393 @@
+"""The coordinator: drives the run machine, keeps the ledger, answers participants.
+
+It implements ``CoordinatorService`` for every transport. All state changes happen under one
+lock, and each reaches the ledger before the participant that caused it gets its answer.
+Time comes from an injected clock, so the same class runs on the wall clock (gRPC) and on a
+simulated clock (``conclave simulate``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from conclave.core.errors import RemoteProtocolError
+from conclave.core.parameters import Parameters
+from conclave.core.ports import Ledger
+from conclave.core.records import ContributionRecord, ParticipantEvent, RoundRecord, RunRecord
+from conclave.core.rounds.events import (
+    ArmTimer,
+    CloseRound,
+    Command,
+    CommitRound,
+    DeadlinePassed,
+    EvaluationReceived,
+    Event,
+    FailRun,
+    FinishRun,
+    ParticipantJoined,
+    ParticipantLost,
+    RecordContribution,
+    Reply,
+    RunStarted,
+    StartRound,
+    Timer,
+    UpdateReceived,
+)
+from conclave.core.rounds.machine import RunMachine
+from conclave.core.spec import RunSpec
+from conclave.core.types import (
+    PROTOCOL_VERSION,
+    ContributionStatus,
+    Evaluation,
+    HeartbeatReply,
+    JoinReply,
+    JoinRequest,
+    ParticipantState,
+    RoundStatus,
+    RunStatus,
+    TaskAssignment,
+    TaskKind,
+    Update,
+    Verdict,
+)
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True)
+class RoundTiming:
+    round: int
+    kind: TaskKind
+    started_at: float
+    finished_at: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Coordinator:
+    """One run's coordinator. Thread-safe; transports call the service methods."""
+
+    def __init__(
+        self,
+        *,
+        spec: RunSpec,
+        ledger: Ledger,
+        initial: Parameters,
+        clock: Clock = time.time,
+        run_id: str | None = None,
+        on_round: Callable[[RoundTiming], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.run_id = run_id or f"{spec.name}-{uuid.uuid4().hex[:12]}"
+        self._ledger = ledger
+        self._clock = clock
+        self._on_round = on_round
+        self._cond = threading.Condition()
+        self._machine = RunMachine(run_id=self.run_id, spec=spec, initial=initial)
+        self._timers: dict[tuple[Timer, int, int], float] = {}
+        self._last_seen: dict[str, float] = {}
+        self._ever_joined: set[str] = set()
+        self._lost: set[str] = set()
+        self._started = False
+        self._status = RunStatus.RUNNING
+        self._reason = ""
+        self._final_evaluation: dict[str, dict[str, float]] = {}
+        self._timings: list[RoundTiming] = []
+        self._started_at = clock()
+        ledger.create_run(RunRecord(
+            run_id=self.run_id, name=spec.name, spec_toml=spec.source, seed=spec.seed,
+            status=RunStatus.RUNNING, created_at=self._started_at,
+        ))
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin the first round as soon as enough participants have joined."""
+        with self._cond:
+            if self._started:
+                return
+            self._started = True
+            self._apply(RunStarted())
+
+    @property
+    def finished(self) -> bool:
+        with self._cond:
+            return self._status is not RunStatus.RUNNING
+
+    @property
+    def status(self) -> RunStatus:
+        return self._status
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @property
+    def global_parameters(self) -> Parameters:
+        return self._machine.global_parameters
+
+    @property
+    def timings(self) -> list[RoundTiming]:
+        return list(self._timings)
+
+    def next_deadline(self) -> float | None:
+        """When the earliest armed timer or heartbeat check falls due (clock time)."""
+        with self._cond:
+            times = list(self._timers.values())
+            limit = self._lost_after_s()
+            times += [seen + limit for p, seen in self._last_seen.items() if p not in self._lost]
+            return min(times) if times else None
+
+    def poll(self) -> None:
+        """Fire due timers and mark participants that stopped heartbeating as lost."""
+        with self._cond:
+            now = self._clock()
+            limit = self._lost_after_s()
+            for participant, seen in sorted(self._last_seen.items()):
+                if participant not in self._lost and now - seen > limit:
+                    self._lost.add(participant)
+                    self._event(participant, ParticipantState.LOST,
+                                f"no heartbeat for {now - seen:.1f} s")
+                    self._apply(ParticipantLost(participant, reason="missed heartbeats"))
+            for key, due in sorted(self._timers.items(), key=lambda kv: kv[1]):
+                if due <= now and key in self._timers:
+                    del self._timers[key]
+                    timer, round_, attempt = key
+                    self._apply(DeadlinePassed(timer, round_, attempt))
+
+    def wait(self, timeout_s: float | None = None, *, tick_s: float = 0.25) -> bool:
+        """Block (wall clock) until the run ends, firing timers on time. True if it ended."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            self.poll()
+            with self._cond:
+                if self._status is not RunStatus.RUNNING:
+                    return True
+                due = self.next_deadline()
+                pause = tick_s if due is None else max(0.0, min(tick_s, due - self._clock()))
+                if end is not None:
+                    remaining = end - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    pause = min(pause, remaining)
+                self._cond.wait(pause)
+
+    def _lost_after_s(self) -> float:
+        fed = self.spec.federation
+        return fed.heartbeat_interval_s * fed.lost_after_heartbeats
+
+    # -- CoordinatorService -------------------------------------------------------------
+    def join(self, request: JoinRequest) -> JoinReply:
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"protocol version {request.protocol_version} is not supported; "
+                f"this coordinator speaks version {PROTOCOL_VERSION}"
+            )
+        name = request.participant
+        allowed = self.spec.federation.participants
+        with self._cond:
+            if allowed and name not in allowed:
+                self._event(name, ParticipantState.REJECTED, "not enrolled in this federation")
+                raise RemoteProtocolError(
+                    f"unknown participant {name!r}: this federation admits {', '.join(allowed)}"
+                )
+            state = ParticipantState.REJOINED if name in self._ever_joined else ParticipantState.JOINED
+            caps = ", ".join(f"{k}={v}" for k, v in sorted(request.capabilities.items()))
+            self._event(name, state, caps)
+            self._ever_joined.add(name)
+            self._lost.discard(name)
+            self._last_seen[name] = self._clock()
+            if self._status is RunStatus.RUNNING:
+                self._apply(ParticipantJoined(name))
+            return JoinReply(
+                run_id=self.run_id,
+                heartbeat_interval_s=self.spec.federation.heartbeat_interval_s,
+                current_round=self._machine.round,
+            )
+
+    def heartbeat(
+        self, run_id: str, participant: str, telemetry: Mapping[str, float]
+    ) -> HeartbeatReply:
+        with self._cond:
+            self._check_member(run_id, participant)
+            self._seen(participant)
+            return HeartbeatReply(
+                has_task=self._machine.task_for(participant) is not None,
+                run_finished=self._status is not RunStatus.RUNNING,
+            )
+
+    def fetch_task(self, run_id: str, participant: str, wait_s: float) -> TaskAssignment:
+        deadline = time.monotonic() + max(0.0, wait_s)
+        with self._cond:
+            self._check_member(run_id, participant)
+            while True:
+                self._seen(participant)
+                if self._status is not RunStatus.RUNNING:
+                    return TaskAssignment(task=None, run_finished=True)
+                task = self._machine.task_for(participant)
+                remaining = deadline - time.monotonic()
+                if task is not None or remaining <= 0:
+                    return TaskAssignment(task=task)
+                self._cond.wait(min(remaining, 1.0))
+
+    def submit_update(self, update: Update) -> Verdict:
+        digest = update.parameters.digest()
+        with self._cond:
+            self._check_member(update.run_id, update.participant)
+            self._seen(update.participant)
+            return self._verdict(self._apply(UpdateReceived(update, digest)))
+
+    def submit_evaluation(self, evaluation: Evaluation) -> Verdict:
+        with self._cond:
+            self._check_member(evaluation.run_id, evaluation.participant)
+            self._seen(evaluation.participant)
+            return self._verdict(self._apply(EvaluationReceived(evaluation)))
+
+    def _check_member(self, run_id: str, participant: str) -> None:
+        if run_id != self.run_id:
+            raise RemoteProtocolError(f"unknown run id {run_id!r}; the current run is {self.run_id!r}")
+        if participant not in self._ever_joined:
+            raise RemoteProtocolError(f"participant {participant!r} has not joined run {run_id!r}")
+
+    def _seen(self, participant: str) -> None:
+        self._last_seen[participant] = self._clock()
+        if participant in self._lost:
+            self._lost.discard(participant)
+            self._event(participant, ParticipantState.REJOINED, "heartbeat after being lost")
+            if self._status is RunStatus.RUNNING:
+                self._apply(ParticipantJoined(participant))
+
+    @staticmethod
+    def _verdict(commands: list[Command]) -> Verdict:
+        for cmd in commands:
+            if isinstance(cmd, Reply):
+                return cmd.verdict
+        return Verdict(accepted=False, reason="no verdict")  # pragma: no cover
+
+    # -- carrying out commands ----------------------------------------------------------
+    def _apply(self, event: Event) -> list[Command]:
+        commands = self._machine.handle(event)
+        for cmd in commands:
+            self._execute(cmd)
+        if commands:
+            self._cond.notify_all()
+        return commands
+
+    def _execute(self, cmd: Command) -> None:
+        now = self._clock()
+        match cmd:
+            case StartRound(round=r, kind=kind, attempt=attempt, selected=selected):
+                self._ledger.start_round(RoundRecord(
+                    run_id=self.run_id, round=r, kind=kind, status=RoundStatus.RUNNING,
+                    selected=selected, started_at=now,
+                ))
+                for p in selected:
+                    self._event(p, ParticipantState.TASKED, f"{kind.value} round {r} attempt {attempt}")
+                self._timings.append(RoundTiming(round=r, kind=kind, started_at=now))
+                logger.info("round %d (%s) started with %d participant(s)", r, kind.value,
+                            len(selected))
+            case ArmTimer(timer=timer, round=r, attempt=attempt, timeout_s=timeout):
+                self._timers = {k: v for k, v in self._timers.items() if k[0] is not timer}
+                self._timers[(timer, r, attempt)] = now + timeout
+            case RecordContribution():
+                self._record_contribution(cmd, now)
+            case Reply():
+                pass
+            case CommitRound(round=r, parameters=params, metrics=metrics):
+                self._ledger.commit_round(self.run_id, r, params, finished_at=now, metrics=metrics)
+                self._drop_timers(Timer.FIT)
+                self._close_timing(r, TaskKind.FIT, now, metrics)
+                logger.info("round %d committed: %s", r, _fmt(metrics))
+            case CloseRound(round=r, kind=kind, status=status, metrics=metrics, reason=reason):
+                self._ledger.finish_round(self.run_id, r, kind, status, finished_at=now,
+                                          metrics=dict(metrics), reason=reason)
+                self._drop_timers(Timer.FIT if kind is TaskKind.FIT else Timer.EVALUATE)
+                if kind is TaskKind.EVALUATE:
+                    self._final_evaluation = self._machine.last_evaluation
+                self._close_timing(r, kind, now, metrics)
+                if status is RoundStatus.FAILED:
+                    logger.warning("round %d failed: %s", r, reason)
+            case FinishRun(rounds_committed=n, final_evaluation=final):
+                self._final_evaluation = {p: dict(m) for p, m in final.items()}
+                self._finish(RunStatus.FINISHED, f"{n} round(s) committed")
+            case FailRun(reason=reason):
+                self._finish(RunStatus.FAILED, reason)
+
+    def _drop_timers(self, timer: Timer) -> None:
+        self._timers = {k: v for k, v in self._timers.items() if k[0] is not timer}
+
+    def _record_contribution(self, cmd: RecordContribution, now: float) -> None:
+        self._ledger.record_contribution(ContributionRecord(
+            run_id=self.run_id, round=cmd.round, kind=cmd.kind, participant=cmd.participant,
+            status=cmd.status, weight=cmd.weight, metrics=dict(cmd.metrics), digest=cmd.digest,
+            reason=cmd.reason, received_at=now, train_seconds=cmd.train_seconds,
+        ))
+        state = {
+            ContributionStatus.ACCEPTED: ParticipantState.ACCEPTED,
+            ContributionStatus.DROPPED: ParticipantState.LOST,
+        }.get(cmd.status, ParticipantState.REJECTED)
+        detail = f"{cmd.kind.value} round {cmd.round}: {cmd.status.value}"
+        if cmd.reason:
+            detail += f" ({cmd.reason})"
+            logger.warning("%s %s", cmd.participant, detail)
+        self._event(cmd.participant, state, detail)
+
+    def _close_timing(self, round_: int, kind: TaskKind, now: float,
+                      metrics: Mapping[str, float]) -> None:
+        for timing in reversed(self._timings):
+            if timing.round == round_ and timing.kind is kind and timing.finished_at is None:
+                timing.finished_at = now
+                timing.metrics = dict(metrics)
+                if self._on_round is not None:
+                    self._on_round(timing)
+                return
+
+    def _finish(self, status: RunStatus, reason: str) -> None:
+        self._status = status
+        self._reason = reason
+        self._timers.clear()
+        self._ledger.set_run_status(self.run_id, status, reason)
+        logger.info("run %s %s: %s", self.run_id, status.value, reason)
+
+    def _event(self, participant: str, state: ParticipantState, detail: str) -> None:
+        self._ledger.record_participant_event(ParticipantEvent(
+            run_id=self.run_id, participant=participant, state=state, at=self._clock(),
+            detail=detail,
+        ))
+
+    # -- results ------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """What ``summary.json`` holds."""
+        with self._cond:
+            per = {p: dict(m) for p, m in sorted(self._final_evaluation.items())}
+            accs = [m["accuracy"] for m in per.values() if "accuracy" in m]
+            fit = [t for t in self._timings if t.kind is TaskKind.FIT and t.finished_at]
+            return {
+                "run_id": self.run_id,
+                "name": self.spec.name,
+                "status": self._status.value,
+                "reason": self._reason,
+                "seed": self.spec.seed,
+                "rounds_planned": self.spec.rounds,
+                "rounds_committed": self._machine.rounds_committed,
+                "model_digest": self._machine.global_parameters.digest(),
+                "final": {
+                    "mean_accuracy": sum(accs) / len(accs) if accs else None,
+                    "per_participant": per,
+                },
+                "rounds": [
+                    {"round": t.round, "seconds": (t.finished_at or t.started_at) - t.started_at,
+                     "metrics": t.metrics}
+                    for t in fit
+                ],
+            }
+
+
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))

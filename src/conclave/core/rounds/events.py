@@ -1,0 +1,152 @@
+"""Events fed into the run machine and commands it returns.
+
+Events are past-tense facts; commands are imperatives the driver carries out (write the
+ledger, arm a timer, answer a participant). Time never enters the machine except as
+``DeadlinePassed``; the driver stamps wall-clock or simulated times on what it records.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from conclave.core.parameters import Parameters
+from conclave.core.types import (
+    ContributionStatus,
+    Evaluation,
+    Metrics,
+    RoundStatus,
+    TaskKind,
+    Update,
+    Verdict,
+)
+
+
+class Stage(enum.Enum):
+    IDLE = "idle"
+    WAITING = "waiting"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class Timer(enum.Enum):
+    JOIN = "join"
+    FIT = "fit"
+    EVALUATE = "evaluate"
+
+
+# -- events -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantJoined:
+    participant: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantLost:
+    participant: str
+    reason: str = "missed heartbeats"
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateReceived:
+    update: Update
+    digest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationReceived:
+    evaluation: Evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlinePassed:
+    timer: Timer
+    round: int
+    attempt: int
+
+
+Event = (
+    RunStarted | ParticipantJoined | ParticipantLost | UpdateReceived | EvaluationReceived
+    | DeadlinePassed
+)
+
+
+# -- commands ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartRound:
+    round: int
+    kind: TaskKind
+    attempt: int
+    selected: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArmTimer:
+    timer: Timer
+    round: int
+    attempt: int
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordContribution:
+    round: int
+    kind: TaskKind
+    participant: str
+    status: ContributionStatus
+    weight: int = 0
+    metrics: Metrics = field(default_factory=dict)
+    digest: str = ""
+    reason: str = ""
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reply:
+    """The verdict on the submission that produced this batch of commands."""
+
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommitRound:
+    round: int
+    parameters: Parameters
+    metrics: Metrics
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseRound:
+    """End a round that produced no new model: an evaluation round, or a failed attempt."""
+
+    round: int
+    kind: TaskKind
+    status: RoundStatus
+    metrics: Metrics = field(default_factory=dict)
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FinishRun:
+    rounds_committed: int
+    final_evaluation: Mapping[str, Mapping[str, float]]
+    """participant -> {"loss": ..., "accuracy": ..., "num_examples": ...}"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailRun:
+    reason: str
+
+
+Command = (
+    StartRound | ArmTimer | RecordContribution | Reply | CommitRound | CloseRound | FinishRun
+    | FailRun
+)

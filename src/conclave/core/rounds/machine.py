@@ -1,0 +1,412 @@
+"""The run machine: rounds of select -> configure -> collect -> aggregate -> commit.
+
+Sans-I/O: events in (``handle``), commands out. The machine never reads a clock, sleeps, or
+touches the network or the ledger; its randomness comes from generators seeded by the run seed,
+the round and the attempt, so a run can be replayed exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+
+from conclave.core.aggregation.fedavg import WeightedMean, validate_update
+from conclave.core.errors import InvalidUpdate, LocalProtocolError
+from conclave.core.parameters import Parameters
+from conclave.core.rounds.events import (
+    ArmTimer,
+    CloseRound,
+    Command,
+    CommitRound,
+    DeadlinePassed,
+    EvaluationReceived,
+    Event,
+    FailRun,
+    FinishRun,
+    ParticipantJoined,
+    ParticipantLost,
+    RecordContribution,
+    Reply,
+    RunStarted,
+    Stage,
+    StartRound,
+    Timer,
+    UpdateReceived,
+)
+from conclave.core.selection.uniform import select_uniform
+from conclave.core.spec import RunSpec
+from conclave.core.types import (
+    ContributionStatus,
+    Evaluation,
+    RoundStatus,
+    Scalar,
+    Task,
+    TaskKind,
+    Update,
+    Verdict,
+)
+
+
+def participant_seed(run_seed: int, round: int, participant: str) -> int:
+    """A per-participant, per-round seed for local training, independent of arrival order."""
+    digest = hashlib.sha256(f"{run_seed}/{round}/{participant}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class RunMachine:
+    """Drives one run. Feed it events with ``handle``; carry out the commands it returns."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        spec: RunSpec,
+        initial: Parameters,
+        completed_rounds: int = 0,
+    ) -> None:
+        self.run_id = run_id
+        self.spec = spec
+        self._global = initial
+        self._stage = Stage.IDLE
+        self._round = completed_rounds
+        self._kind = TaskKind.FIT
+        self._attempt = 0
+        self._available: set[str] = set()
+        self._selected: tuple[str, ...] = ()
+        self._answered: set[str] = set()
+        self._agg = WeightedMean(initial.layout)
+        self._metric_sums: dict[str, float] = {}
+        self._evaluations: dict[str, dict[str, float]] = {}
+        self._last_evaluation: dict[str, dict[str, float]] = {}
+        self._committed = completed_rounds
+
+    # -- queries ------------------------------------------------------------------------
+    @property
+    def stage(self) -> Stage:
+        return self._stage
+
+    @property
+    def round(self) -> int:
+        return self._round
+
+    @property
+    def kind(self) -> TaskKind:
+        return self._kind
+
+    @property
+    def global_parameters(self) -> Parameters:
+        return self._global
+
+    @property
+    def rounds_committed(self) -> int:
+        return self._committed
+
+    @property
+    def available(self) -> frozenset[str]:
+        return frozenset(self._available)
+
+    @property
+    def last_evaluation(self) -> dict[str, dict[str, float]]:
+        """Per-participant results of the most recent closed evaluation round."""
+        return {p: dict(m) for p, m in self._last_evaluation.items()}
+
+    @property
+    def finished(self) -> bool:
+        return self._stage in (Stage.FINISHED, Stage.FAILED)
+
+    def task_for(self, participant: str) -> Task | None:
+        """The task ``participant`` should work on now, if any."""
+        if self._stage not in (Stage.TRAINING, Stage.EVALUATING):
+            return None
+        if participant not in self._selected or participant in self._answered:
+            return None
+        config: dict[str, Scalar] = dict(self.spec.task.config)
+        config["seed"] = participant_seed(self.spec.seed, self._round, participant)
+        config["round"] = self._round
+        timeout = (
+            self.spec.deadlines.round_timeout_s
+            if self._kind is TaskKind.FIT
+            else self.spec.deadlines.evaluation_timeout_s
+        )
+        return Task(
+            run_id=self.run_id,
+            round=self._round,
+            kind=self._kind,
+            config=config,
+            parameters=self._global,
+            deadline_s=timeout,
+        )
+
+    # -- events -------------------------------------------------------------------------
+    def handle(self, event: Event) -> list[Command]:
+        match event:
+            case RunStarted():
+                if self._stage is not Stage.IDLE:
+                    raise LocalProtocolError("the run was already started")
+                return self._next_round()
+            case ParticipantJoined(participant=p):
+                return self._joined(p)
+            case ParticipantLost(participant=p, reason=reason):
+                return self._lost(p, reason)
+            case UpdateReceived(update=u, digest=digest):
+                return self._update(u, digest)
+            case EvaluationReceived(evaluation=e):
+                return self._evaluation(e)
+            case DeadlinePassed(timer=timer, round=r, attempt=a):
+                return self._deadline(timer, r, a)
+        raise LocalProtocolError(f"unknown event {event!r}")
+
+    # -- membership ---------------------------------------------------------------------
+    def _joined(self, participant: str) -> list[Command]:
+        self._available.add(participant)
+        if self._stage is Stage.WAITING and self._enough_participants():
+            return self._begin_fit()
+        return []
+
+    def _lost(self, participant: str, reason: str) -> list[Command]:
+        self._available.discard(participant)
+        if (
+            self._stage in (Stage.TRAINING, Stage.EVALUATING)
+            and participant in self._selected
+            and participant not in self._answered
+        ):
+            self._answered.add(participant)
+            cmds: list[Command] = [
+                RecordContribution(
+                    round=self._round, kind=self._kind, participant=participant,
+                    status=ContributionStatus.DROPPED, reason=f"participant lost: {reason}",
+                )
+            ]
+            return cmds + self._maybe_close()
+        return []
+
+    def _enough_participants(self) -> bool:
+        return len(self._available) >= self.spec.selection.min_participants
+
+    # -- round lifecycle ----------------------------------------------------------------
+    def _next_round(self) -> list[Command]:
+        if self._committed >= self.spec.rounds:
+            return self._finish()
+        self._round = self._committed + 1
+        self._attempt = 0
+        return self._begin_fit()
+
+    def _begin_fit(self) -> list[Command]:
+        if not self._enough_participants():
+            self._stage = Stage.WAITING
+            return [ArmTimer(timer=Timer.JOIN, round=self._round, attempt=self._attempt,
+                             timeout_s=self.spec.deadlines.join_timeout_s)]
+        self._attempt += 1
+        rng = np.random.default_rng([self.spec.seed, self._round, self._attempt])
+        self._selected = select_uniform(
+            self._available, self.spec.selection.participants_per_round, rng
+        )
+        self._kind = TaskKind.FIT
+        self._stage = Stage.TRAINING
+        self._answered = set()
+        self._agg = WeightedMean(self._global.layout)
+        self._metric_sums = {}
+        return [
+            StartRound(round=self._round, kind=TaskKind.FIT, attempt=self._attempt,
+                       selected=self._selected),
+            ArmTimer(timer=Timer.FIT, round=self._round, attempt=self._attempt,
+                     timeout_s=self.spec.deadlines.round_timeout_s),
+        ]
+
+    def _begin_evaluation(self) -> list[Command]:
+        self._kind = TaskKind.EVALUATE
+        self._stage = Stage.EVALUATING
+        self._selected = tuple(sorted(self._available))
+        self._answered = set()
+        self._evaluations = {}
+        cmds: list[Command] = [
+            StartRound(round=self._round, kind=TaskKind.EVALUATE, attempt=self._attempt,
+                       selected=self._selected),
+            ArmTimer(timer=Timer.EVALUATE, round=self._round, attempt=self._attempt,
+                     timeout_s=self.spec.deadlines.evaluation_timeout_s),
+        ]
+        return cmds + self._maybe_close()
+
+    def _evaluation_due(self) -> bool:
+        every = self.spec.evaluation.every_rounds
+        return self._round == self.spec.rounds or (every > 0 and self._round % every == 0)
+
+    def _maybe_close(self) -> list[Command]:
+        if set(self._selected) - self._answered:
+            return []
+        return self._close()
+
+    def _close(self) -> list[Command]:
+        if self._stage is Stage.TRAINING:
+            return self._close_fit()
+        if self._stage is Stage.EVALUATING:
+            return self._close_evaluation()
+        return []
+
+    def _close_fit(self) -> list[Command]:
+        needed = self.spec.selection.min_quorum
+        if self._agg.count < needed:
+            reason = (
+                f"quorum not reached: {self._agg.count} accepted contribution(s), "
+                f"{needed} needed (attempt {self._attempt} of "
+                f"{self.spec.selection.max_round_attempts})"
+            )
+            cmds: list[Command] = [CloseRound(round=self._round, kind=TaskKind.FIT,
+                                              status=RoundStatus.FAILED, reason=reason)]
+            if self._attempt >= self.spec.selection.max_round_attempts:
+                self._stage = Stage.FAILED
+                return cmds + [FailRun(reason=f"round {self._round}: {reason}")]
+            return cmds + self._begin_fit()
+        self._global = self._agg.result()
+        self._committed = self._round
+        total = self._agg.total_weight
+        metrics = {name: value / total for name, value in self._metric_sums.items()}
+        metrics["contributions"] = float(self._agg.count)
+        metrics["examples"] = float(total)
+        cmds = [CommitRound(round=self._round, parameters=self._global, metrics=metrics)]
+        if self._evaluation_due():
+            return cmds + self._begin_evaluation()
+        return cmds + self._next_round()
+
+    def _close_evaluation(self) -> list[Command]:
+        results = self._evaluations
+        metrics: dict[str, float] = {}
+        total = sum(r["num_examples"] for r in results.values())
+        if results:
+            names = set.intersection(*(set(r) for r in results.values())) - {"num_examples"}
+            for name in sorted(names):
+                if total > 0:
+                    metrics[name] = sum(r[name] * r["num_examples"] for r in results.values()) / total
+            if "accuracy" in names:
+                metrics["mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)
+        metrics["participants"] = float(len(results))
+        self._last_evaluation = dict(results)
+        cmds: list[Command] = [CloseRound(round=self._round, kind=TaskKind.EVALUATE,
+                                          status=RoundStatus.COMMITTED, metrics=metrics)]
+        return cmds + self._next_round()
+
+    def _finish(self) -> list[Command]:
+        self._stage = Stage.FINISHED
+        self._selected = ()
+        return [FinishRun(rounds_committed=self._committed,
+                          final_evaluation=self._last_evaluation)]
+
+    # -- submissions --------------------------------------------------------------------
+    def _check_submission(self, kind: TaskKind, participant: str, round: int) -> str:
+        """The reason to reject a submission, or '' if it is for the open task."""
+        if self.finished:
+            return f"the run is {self._stage.value}"
+        if round != self._round or kind is not self._kind or self._stage not in (
+            Stage.TRAINING, Stage.EVALUATING
+        ):
+            return (
+                f"stale submission: {kind.value} for round {round}, but the open task is "
+                f"{self._kind.value} for round {self._round}"
+            )
+        if participant not in self._selected:
+            return f"{participant} was not selected for {kind.value} round {round}"
+        if participant in self._answered:
+            return f"duplicate submission: {participant} already answered {kind.value} round {round}"
+        return ""
+
+    def _update(self, update: Update, digest: str) -> list[Command]:
+        reason = self._check_submission(TaskKind.FIT, update.participant, update.round)
+        invalid = False
+        if not reason:
+            try:
+                validate_update(self._global.layout, update.parameters, update.num_examples)
+            except InvalidUpdate as exc:
+                # The participant answered its task, badly: it counts as answered.
+                reason, invalid = str(exc), True
+                self._answered.add(update.participant)
+        if reason:
+            status = (
+                ContributionStatus.LATE if reason.startswith("stale") else ContributionStatus.REJECTED
+            )
+            cmds: list[Command] = [
+                RecordContribution(round=update.round, kind=TaskKind.FIT,
+                                   participant=update.participant, status=status,
+                                   weight=_safe_weight(update.num_examples), digest=digest,
+                                   reason=reason, metrics=_finite(update.metrics),
+                                   train_seconds=update.train_seconds),
+                Reply(verdict=Verdict(accepted=False, reason=reason)),
+            ]
+            return cmds + (self._maybe_close() if invalid else [])
+        self._agg.add(update.parameters, update.num_examples)
+        self._answered.add(update.participant)
+        metrics = _finite(update.metrics)
+        for name, value in metrics.items():
+            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value * update.num_examples
+        cmds = [
+            RecordContribution(round=update.round, kind=TaskKind.FIT,
+                               participant=update.participant,
+                               status=ContributionStatus.ACCEPTED, weight=update.num_examples,
+                               metrics=metrics, digest=digest,
+                               train_seconds=update.train_seconds),
+            Reply(verdict=Verdict(accepted=True)),
+        ]
+        return cmds + self._maybe_close()
+
+    def _evaluation(self, evaluation: Evaluation) -> list[Command]:
+        reason = self._check_submission(TaskKind.EVALUATE, evaluation.participant, evaluation.round)
+        metrics = _finite(evaluation.metrics)
+        invalid = False
+        if not reason and (evaluation.num_examples < 0 or not np.isfinite(evaluation.loss)):
+            reason = (f"invalid evaluation: loss {evaluation.loss}, "
+                      f"num_examples {evaluation.num_examples}")
+            invalid = True
+            self._answered.add(evaluation.participant)
+        if reason:
+            return [
+                RecordContribution(round=evaluation.round, kind=TaskKind.EVALUATE,
+                                   participant=evaluation.participant,
+                                   status=ContributionStatus.REJECTED, reason=reason,
+                                   metrics=metrics),
+                Reply(verdict=Verdict(accepted=False, reason=reason)),
+            ] + (self._maybe_close() if invalid else [])
+        self._answered.add(evaluation.participant)
+        result = dict(metrics)
+        result["loss"] = float(evaluation.loss)
+        result["num_examples"] = float(evaluation.num_examples)
+        self._evaluations[evaluation.participant] = result
+        return [
+            RecordContribution(round=evaluation.round, kind=TaskKind.EVALUATE,
+                               participant=evaluation.participant,
+                               status=ContributionStatus.ACCEPTED,
+                               weight=evaluation.num_examples, metrics=result),
+            Reply(verdict=Verdict(accepted=True)),
+        ] + self._maybe_close()
+
+    # -- time ---------------------------------------------------------------------------
+    def _deadline(self, timer: Timer, round: int, attempt: int) -> list[Command]:
+        if round != self._round or attempt != self._attempt:
+            return []
+        if timer is Timer.JOIN and self._stage is Stage.WAITING:
+            self._stage = Stage.FAILED
+            return [FailRun(reason=(
+                f"only {len(self._available)} participant(s) available, "
+                f"{self.spec.selection.min_participants} needed; waited "
+                f"deadlines.join_timeout_s = {self.spec.deadlines.join_timeout_s} s"
+            ))]
+        expected = Stage.TRAINING if timer is Timer.FIT else Stage.EVALUATING
+        if timer is Timer.JOIN or self._stage is not expected:
+            return []
+        cmds: list[Command] = []
+        for participant in self._selected:
+            if participant not in self._answered:
+                self._answered.add(participant)
+                cmds.append(RecordContribution(
+                    round=self._round, kind=self._kind, participant=participant,
+                    status=ContributionStatus.DROPPED, reason="no answer before the deadline",
+                ))
+        return cmds + self._close()
+
+
+def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {str(k): float(v) for k, v in metrics.items() if np.isfinite(v)}
+
+
+def _safe_weight(num_examples: int) -> int:
+    return num_examples if isinstance(num_examples, int) and num_examples > 0 else 0

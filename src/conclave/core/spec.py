@@ -1,0 +1,279 @@
+"""The run spec: a TOML document describing one training run, validated before anything starts.
+
+Parsing takes text (``RunSpec.from_toml``), never a path, so this module stays free of I/O.
+Every invalid field raises ``ConfigError`` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from conclave.core.errors import ConfigError
+from conclave.core.types import Scalar
+
+_TRAINER_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+class StrategyName(enum.Enum):
+    FEDAVG = "fedavg"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskSpec:
+    trainer: str
+    """The trainer factory as ``module:attribute``."""
+    config: Mapping[str, Scalar] = field(default_factory=dict)
+    """Passed to every ``Trainer.fit`` / ``evaluate`` call (local_steps, batch_size, lr...)."""
+    options: Mapping[str, str] = field(default_factory=dict)
+    """Passed to the trainer factory (data paths and the like)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SelectionSpec:
+    participants_per_round: int = 0
+    """How many participants train each round; 0 means every available participant."""
+    min_participants: int = 1
+    """How many must have joined before a round starts."""
+    min_quorum: int = 1
+    """How many accepted contributions a round needs to commit."""
+    max_round_attempts: int = 3
+    """A round that misses quorum is retried with a fresh selection this many times in all."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadlineSpec:
+    round_timeout_s: float = 300.0
+    evaluation_timeout_s: float = 300.0
+    join_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluationSpec:
+    every_rounds: int = 5
+    """Federated evaluation every K rounds (0: only after the last round)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FederationSpec:
+    participants: tuple[str, ...] = ()
+    """Participants allowed to join; empty means any name."""
+    heartbeat_interval_s: float = 2.0
+    lost_after_heartbeats: int = 5
+    max_model_bytes: int = 2**31
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimulationSpec:
+    participants: int = 4
+    name_format: str = "participant-{i}"
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.name_format.format(i=i) for i in range(self.participants))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSpec:
+    name: str
+    rounds: int
+    seed: int = 0
+    task: TaskSpec
+    strategy: StrategyName = StrategyName.FEDAVG
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
+    deadlines: DeadlineSpec = field(default_factory=DeadlineSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    federation: FederationSpec = field(default_factory=FederationSpec)
+    simulation: SimulationSpec = field(default_factory=SimulationSpec)
+    source: str = ""
+    """The TOML text the spec was read from (kept in the ledger for lineage)."""
+
+    @classmethod
+    def from_toml(cls, text: str) -> RunSpec:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("run spec", "<toml>", f"valid TOML ({exc})") from exc
+        return cls.from_dict(data, source=text)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "") -> RunSpec:
+        return _build(_Table(data, ""), source)
+
+    def with_overrides(self, *, rounds: int | None = None) -> RunSpec:
+        if rounds is None:
+            return self
+        if rounds < 1:
+            raise ConfigError("run.rounds", rounds, "an integer >= 1")
+        return dataclasses.replace(self, rounds=rounds)
+
+
+class _Table:
+    """A TOML table that remembers its dotted path and which keys were read."""
+
+    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(path or "run spec", data, "a table")
+        self.data = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def table(self, key: str, *, required: bool = False) -> _Table:
+        self.seen.add(key)
+        if key not in self.data:
+            if required:
+                raise ConfigError(self._name(key), None, "a required table")
+            return _Table({}, self._name(key))
+        return _Table(self.data[key], self._name(key))
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        self.seen.add(key)
+        return self.data.get(key, default)
+
+    def int(self, key: str, default: int | None, *, minimum: int = 0) -> int:
+        value = self.raw(key, default)
+        if value is None:
+            raise ConfigError(self._name(key), None, "a required integer")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(self._name(key), value, f"an integer >= {minimum}")
+        return value
+
+    def float(self, key: str, default: float, *, positive: bool = True) -> float:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self._name(key), value, "a number")
+        value = float(value)
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise ConfigError(self._name(key), value, "a finite number > 0")
+        return value
+
+    def str(self, key: str, default: str | None, *, pattern: re.Pattern[str] | None = None,
+            allowed: str = "a string") -> str:
+        value = self.raw(key, default)
+        if value is None:
+            raise ConfigError(self._name(key), None, f"required: {allowed}")
+        if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
+            raise ConfigError(self._name(key), value, allowed)
+        return value
+
+    def enum(self, key: str, kind: type[E], default: E) -> E:
+        value = self.raw(key, default.value)
+        try:
+            return kind(value)
+        except ValueError:
+            options = ", ".join(repr(m.value) for m in kind)
+            raise ConfigError(self._name(key), value, f"one of {options}") from None
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(
+                self._name(unknown[0]), self.data[unknown[0]],
+                f"a known key (this table takes: {', '.join(sorted(self.seen))})",
+            )
+
+
+def _scalars(table: _Table) -> dict[str, Scalar]:
+    out: dict[str, Scalar] = {}
+    for key, value in table.data.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(table._name(key), value, "a finite number")
+        if not isinstance(value, bool | int | float | str):
+            raise ConfigError(table._name(key), value, "a bool, integer, float or string")
+        out[str(key)] = value
+    table.seen.update(table.data)
+    return out
+
+
+def _build(root: _Table, source: str) -> RunSpec:
+    run = root.table("run", required=True)
+    name = run.str("name", None, pattern=_NAME, allowed="letters, digits, '-', '_', '.' (1-128)")
+    rounds = run.int("rounds", None, minimum=1)
+    seed = run.int("seed", 0, minimum=0)
+    run.check_unknown()
+
+    task_t = root.table("task", required=True)
+    trainer = task_t.str("trainer", None, pattern=_TRAINER_REF, allowed="'package.module:attribute'")
+    config = _scalars(task_t.table("config"))
+    options = {k: str(v) for k, v in _scalars(task_t.table("options")).items()}
+    task_t.check_unknown()
+
+    strat = root.table("strategy")
+    strategy = strat.enum("name", StrategyName, StrategyName.FEDAVG)
+    strat.check_unknown()
+
+    sel = root.table("selection")
+    per_round = sel.int("participants_per_round", 0)
+    min_participants = sel.int("min_participants", max(per_round, 1), minimum=1)
+    min_quorum = sel.int("min_quorum", 1, minimum=1)
+    attempts = sel.int("max_round_attempts", 3, minimum=1)
+    sel.check_unknown()
+    if per_round and min_quorum > per_round:
+        raise ConfigError("selection.min_quorum", min_quorum,
+                          f"at most selection.participants_per_round ({per_round})")
+    if per_round and min_participants < per_round:
+        raise ConfigError("selection.min_participants", min_participants,
+                          f"at least selection.participants_per_round ({per_round})")
+
+    dl = root.table("deadlines")
+    deadlines = DeadlineSpec(
+        round_timeout_s=dl.float("round_timeout_s", 300.0),
+        evaluation_timeout_s=dl.float("evaluation_timeout_s", 300.0),
+        join_timeout_s=dl.float("join_timeout_s", 600.0),
+    )
+    dl.check_unknown()
+
+    ev = root.table("evaluation")
+    evaluation = EvaluationSpec(every_rounds=ev.int("every_rounds", 5))
+    ev.check_unknown()
+
+    fed = root.table("federation")
+    names = fed.raw("participants", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and _NAME.match(n) for n in names):
+        raise ConfigError("federation.participants", names, "a list of participant names")
+    if len(set(names)) != len(names):
+        raise ConfigError("federation.participants", names, "names without duplicates")
+    federation = FederationSpec(
+        participants=tuple(names),
+        heartbeat_interval_s=fed.float("heartbeat_interval_s", 2.0),
+        lost_after_heartbeats=fed.int("lost_after_heartbeats", 5, minimum=1),
+        max_model_bytes=fed.int("max_model_bytes", 2**31, minimum=1),
+    )
+    fed.check_unknown()
+    if names and min_participants > len(names):
+        raise ConfigError("selection.min_participants", min_participants,
+                          f"at most the {len(names)} names in federation.participants")
+
+    sim = root.table("simulation")
+    simulation = SimulationSpec(
+        participants=sim.int("participants", max(len(names), min_participants, 1), minimum=1),
+        name_format=sim.str("name_format", "participant-{i}", allowed="a format string with {i}"),
+    )
+    sim.check_unknown()
+    if "{i}" not in simulation.name_format:
+        raise ConfigError("simulation.name_format", simulation.name_format, "a string containing {i}")
+    if simulation.participants < min_participants:
+        raise ConfigError("simulation.participants", simulation.participants,
+                          f"at least selection.min_participants ({min_participants})")
+    root.check_unknown()
+
+    return RunSpec(
+        name=name, rounds=rounds, seed=seed,
+        task=TaskSpec(trainer=trainer, config=config, options=options),
+        strategy=strategy,
+        selection=SelectionSpec(participants_per_round=per_round, min_participants=min_participants,
+                                min_quorum=min_quorum, max_round_attempts=attempts),
+        deadlines=deadlines, evaluation=evaluation, federation=federation,
+        simulation=simulation, source=source,
+    )

@@ -1,0 +1,186 @@
+"""The participant agent: joins, fetches tasks, runs the user's trainer, submits results.
+
+The agent dials out to the coordinator through any ``CoordinatorService`` (gRPC client or the
+in-memory transport). ``run`` is the blocking loop of a real participant process, with a
+background heartbeat; ``step`` does one unit of work without blocking, for simulation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from conclave.core.errors import ConclaveError, ConfigError, TrainerError, TransportError
+from conclave.core.parameters import Parameters
+from conclave.core.ports import CoordinatorService, Trainer, TrainerFactory
+from conclave.core.types import (
+    EvaluateResult,
+    Evaluation,
+    FitResult,
+    JoinRequest,
+    Task,
+    TaskKind,
+    TrainerContext,
+    Update,
+    Verdict,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def load_trainer_factory(ref: str) -> TrainerFactory:
+    """Import ``package.module:attribute`` and return it (it must be callable)."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ConfigError("task.trainer", ref, "'package.module:attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError("task.trainer", ref, f"an importable module ({exc})") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError("task.trainer", ref, f"a callable attribute of {module_name}")
+    return factory  # type: ignore[no-any-return]
+
+
+@dataclass(slots=True)
+class AgentStats:
+    fits: int = 0
+    evaluations: int = 0
+    rejected: list[str] = field(default_factory=list)
+
+
+class ParticipantAgent:
+    def __init__(
+        self,
+        *,
+        name: str,
+        service: CoordinatorService,
+        trainer: Trainer,
+        capabilities: Mapping[str, str] | None = None,
+        poll_wait_s: float = 5.0,
+    ) -> None:
+        self.name = name
+        self._service = service
+        self._trainer = trainer
+        self._capabilities = dict(capabilities or {})
+        self._poll_wait_s = poll_wait_s
+        self.run_id = ""
+        self.heartbeat_interval_s = 2.0
+        self.stats = AgentStats()
+        self.finished = False
+
+    @classmethod
+    def from_factory(
+        cls, *, name: str, service: CoordinatorService, factory: TrainerFactory,
+        options: Mapping[str, str] | None = None, seed: int = 0, poll_wait_s: float = 5.0,
+    ) -> ParticipantAgent:
+        trainer = factory(TrainerContext(participant=name, seed=seed, options=dict(options or {})))
+        return cls(name=name, service=service, trainer=trainer, poll_wait_s=poll_wait_s)
+
+    # -- protocol -----------------------------------------------------------------------
+    def join(self) -> None:
+        reply = self._service.join(JoinRequest(participant=self.name,
+                                               capabilities=self._capabilities))
+        self.run_id = reply.run_id
+        self.heartbeat_interval_s = reply.heartbeat_interval_s
+        logger.info("%s joined run %s at round %d", self.name, reply.run_id, reply.current_round)
+
+    def step(self, wait_s: float = 0.0) -> bool:
+        """Fetch and carry out at most one task. True if a task was done."""
+        assignment = self._service.fetch_task(self.run_id, self.name, wait_s)
+        if assignment.run_finished:
+            self.finished = True
+            return False
+        if assignment.task is None:
+            return False
+        self._perform(assignment.task)
+        return True
+
+    def run(self, stop: threading.Event | None = None) -> AgentStats:
+        """Join, then work until the run finishes (or ``stop`` is set)."""
+        stop = stop or threading.Event()
+        self.join()
+        beat = threading.Thread(target=self._heartbeat_loop, args=(stop,), daemon=True,
+                                name=f"heartbeat-{self.name}")
+        beat.start()
+        try:
+            while not stop.is_set() and not self.finished:
+                self.step(self._poll_wait_s)
+        finally:
+            stop.set()
+            beat.join(timeout=5)
+        return self.stats
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_interval_s):
+            try:
+                reply = self._service.heartbeat(self.run_id, self.name, _telemetry())
+            except TransportError as exc:
+                logger.warning("%s: heartbeat failed: %s", self.name, exc)
+                continue
+            if reply.run_finished:
+                self.finished = True
+                return
+
+    # -- work ---------------------------------------------------------------------------
+    def _perform(self, task: Task) -> None:
+        if task.kind is TaskKind.FIT:
+            verdict = self._fit(task)
+            self.stats.fits += 1
+        else:
+            verdict = self._evaluate(task)
+            self.stats.evaluations += 1
+        if not verdict.accepted:
+            self.stats.rejected.append(verdict.reason)
+            logger.warning("%s: %s round %d rejected: %s", self.name, task.kind.value, task.round,
+                           verdict.reason)
+
+    def _fit(self, task: Task) -> Verdict:
+        started = time.perf_counter()
+        try:
+            self._trainer.set_weights(task.parameters)
+            result = self._trainer.fit(task.config)
+        except ConclaveError:
+            raise
+        except Exception as exc:
+            raise TrainerError(f"{self.name}: trainer.fit failed: {exc}") from exc
+        if not isinstance(result, FitResult) or not isinstance(result.parameters, Parameters):
+            raise TrainerError(f"{self.name}: trainer.fit must return a FitResult with Parameters")
+        return self._service.submit_update(Update(
+            run_id=task.run_id, round=task.round, participant=self.name,
+            num_examples=result.num_examples, parameters=result.parameters,
+            metrics=dict(result.metrics), train_seconds=time.perf_counter() - started,
+        ))
+
+    def _evaluate(self, task: Task) -> Verdict:
+        try:
+            self._trainer.set_weights(task.parameters)
+            result = self._trainer.evaluate(task.config)
+        except ConclaveError:
+            raise
+        except Exception as exc:
+            raise TrainerError(f"{self.name}: trainer.evaluate failed: {exc}") from exc
+        if not isinstance(result, EvaluateResult):
+            raise TrainerError(f"{self.name}: trainer.evaluate must return an EvaluateResult")
+        return self._service.submit_evaluation(Evaluation(
+            run_id=task.run_id, round=task.round, participant=self.name, loss=float(result.loss),
+            num_examples=int(result.num_examples), metrics=dict(result.metrics),
+        ))
+
+
+def _telemetry() -> dict[str, float]:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return {}
+    mem = psutil.virtual_memory()
+    return {
+        "cpu_percent": float(psutil.cpu_percent(interval=None)),
+        "cpu_count": float(psutil.cpu_count() or 0),
+        "memory_available_mb": mem.available / 2**20,
+    }
