@@ -1,0 +1,243 @@
+"""What each ``conclave`` subcommand does: wiring of spec, ledger, transport and agents."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from conclave.cli.main import read_spec, write_summary
+from conclave.cli.progress import RoundProgress
+from conclave.coordinator.service import Coordinator, RoundTiming
+from conclave.core.errors import TransportError
+from conclave.core.ports import Ledger
+from conclave.core.spec import RunSpec
+from conclave.core.types import TaskKind, TrainerContext
+from conclave.ledger.memory import MemoryLedger
+from conclave.ledger.sqlite import SqliteLedger
+from conclave.participant.agent import ParticipantAgent, load_trainer_factory
+from conclave.simulation.engine import Simulation
+from conclave.transport.grpc.client import GrpcCoordinatorClient
+from conclave.transport.grpc.server import GrpcServer
+
+
+def _progress_hook(progress: RoundProgress) -> Any:
+    def on_round(timing: RoundTiming) -> None:
+        if timing.kind is TaskKind.FIT:
+            progress.round_committed(timing.round, timing.metrics)
+        else:
+            progress.evaluated(timing.round, timing.metrics)
+
+    return on_round
+
+
+def _make_coordinator(spec: RunSpec, ledger: Ledger, progress: RoundProgress | None) -> Coordinator:
+    factory = load_trainer_factory(spec.task.trainer)
+    initial = factory(TrainerContext(participant=None, seed=spec.seed,
+                                     options=dict(spec.task.options))).get_weights()
+    return Coordinator(spec=spec, ledger=ledger, initial=initial,
+                       on_round=_progress_hook(progress) if progress else None)
+
+
+# -- simulate -------------------------------------------------------------------------------
+def simulate(args: argparse.Namespace) -> int:
+    spec = read_spec(args.spec).with_overrides(rounds=args.rounds)
+    ledger: Ledger = SqliteLedger(args.state_dir) if args.state_dir else MemoryLedger()
+    progress = RoundProgress(spec.rounds, evaluates_every_round=spec.evaluation.every_rounds == 1)
+    try:
+        sim = Simulation(spec=spec, ledger=ledger, factory=load_trainer_factory(spec.task.trainer),
+                         on_round=_progress_hook(progress))
+        result = sim.run()
+    finally:
+        progress.close()
+        ledger.close()
+    summary = result.summary
+    _print_results(summary)
+    if args.state_dir:
+        print(f"ledger and checkpoints: {args.state_dir}   summary: "
+              f"{write_summary(args.state_dir, summary)}")
+    return 0 if summary["status"] == "finished" else 1
+
+
+# -- coordinator ----------------------------------------------------------------------------
+def coordinator(args: argparse.Namespace) -> int:
+    spec = read_spec(args.spec).with_overrides(rounds=args.rounds)
+    ledger = SqliteLedger(args.state_dir)
+    coord = _make_coordinator(spec, ledger, RoundProgress(spec.rounds, stream=sys.stderr,
+                                                        evaluates_every_round=spec.evaluation.every_rounds == 1))
+    server = GrpcServer(coord, args.address, max_model_bytes=spec.federation.max_model_bytes)
+    address = server.start()
+    print(f"coordinator listening on {address} (run {coord.run_id})", flush=True)
+    stop = _stop_on_signals()
+    try:
+        coord.start()
+        while not coord.wait(0.5):
+            if stop.is_set():
+                print("conclave: stopping on signal", file=sys.stderr)
+                break
+    finally:
+        server.stop(grace_s=2.0)
+        summary = coord.summary()
+        write_summary(args.state_dir, summary)
+        ledger.close()
+    _print_results(summary)
+    return 0 if summary["status"] == "finished" else 1
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+# -- participant ----------------------------------------------------------------------------
+def participant(args: argparse.Namespace) -> int:
+    from conclave.cli.main import _parse_options
+
+    factory = load_trainer_factory(args.trainer)
+    client = GrpcCoordinatorClient(args.coordinator)
+    try:
+        agent = ParticipantAgent.from_factory(name=args.name, service=client, factory=factory,
+                                              options=_parse_options(args.option))
+        _join_with_retry(agent, args.connect_timeout)
+        stats = agent.run()
+    finally:
+        client.close()
+    print(f"{args.name}: run finished; {stats.fits} fit and {stats.evaluations} evaluation "
+          f"task(s) done, {len(stats.rejected)} rejected", flush=True)
+    return 0
+
+
+def _join_with_retry(agent: ParticipantAgent, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    backoff = 0.1
+    while True:
+        try:
+            agent.join()
+            return
+        except TransportError:
+            if time.monotonic() + backoff > deadline:
+                raise
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+
+# -- demo -----------------------------------------------------------------------------------
+def demo(args: argparse.Namespace) -> int:
+    from conclave.tasks.heart_disease import FLAMBY_BASELINES
+
+    spec = read_spec("heart-disease").with_overrides(rounds=args.rounds)
+    trainer = args.trainer or spec.task.trainer
+    state_dir: Path = args.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    logs = state_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    ledger = SqliteLedger(state_dir)
+    progress = RoundProgress(spec.rounds, evaluates_every_round=spec.evaluation.every_rounds == 1)
+    coord = _make_coordinator(spec, ledger, progress)
+    server = GrpcServer(coord, "127.0.0.1:0", max_model_bytes=spec.federation.max_model_bytes)
+    address = server.start()
+    names = spec.federation.participants
+    print(f"Conclave demo: Fed-Heart-Disease, {len(names)} hospitals as separate processes, "
+          f"{spec.rounds} rounds of FedAvg over gRPC at {address}")
+    print(f"run {coord.run_id}; participant logs in {logs}/")
+    procs: list[subprocess.Popen[bytes]] = []
+    interrupted = False
+    try:
+        coord.start()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for name in names:
+            log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "conclave", "participant", "--coordinator", address,
+                 "--name", name, "--trainer", trainer],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            ))
+            log.close()
+        while not coord.wait(0.5):
+            if all(p.poll() is not None for p in procs):
+                print("conclave: every participant process exited; see the logs in "
+                      f"{logs}", file=sys.stderr)
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nconclave: interrupted; shutting down", file=sys.stderr)
+    finally:
+        progress.close()
+        _stop_processes(procs)
+        server.stop(grace_s=1.0)
+        summary = coord.summary()
+        if interrupted:
+            summary["status"] = "interrupted"
+        summary_path = write_summary(state_dir, summary)
+        ledger.close()
+    _print_results(summary, baselines=FLAMBY_BASELINES)
+    print(f"ledger: {state_dir / 'ledger.sqlite'}   checkpoints: {state_dir / 'checkpoints'}/\n"
+          f"summary: {summary_path}   inspect: conclave ledger show {state_dir}")
+    if interrupted:
+        return 130
+    return 0 if summary["status"] == "finished" else 1
+
+
+def _stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + 5
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _print_results(summary: dict[str, Any], baselines: Mapping[str, float] | None = None) -> None:
+    final = summary.get("final") or {}
+    per = final.get("per_participant") or {}
+    print(f"\nrun {summary['run_id']}: {summary['status']} ({summary['reason']}); "
+          f"{summary['rounds_committed']}/{summary['rounds_planned']} rounds committed")
+    if not per:
+        return
+    head = f"{'participant':<14} {'test accuracy':>13} {'test loss':>10} {'examples':>9}"
+    if baselines:
+        head += f" {'FLamby FedAvg':>14}"
+    print(head)
+    for name, metrics in sorted(per.items()):
+        line = (f"{name:<14} {metrics.get('accuracy', float('nan')):>13.3f} "
+                f"{metrics.get('loss', float('nan')):>10.4f} "
+                f"{int(metrics.get('num_examples', 0)):>9d}")
+        if baselines and f"fedavg/{name}" in baselines:
+            line += f" {baselines[f'fedavg/{name}']:>14.3f}"
+        print(line)
+    mean = final.get("mean_accuracy")
+    if mean is not None:
+        line = f"{'mean':<14} {mean:>13.3f}"
+        if baselines:
+            line += (f"{'':>21} {baselines.get('fedavg', float('nan')):>14.3f}   "
+                     f"(FLamby pooled: {baselines.get('pooled', float('nan')):.3f})")
+        print(line)
+
+
+def ledger_show(args: argparse.Namespace) -> int:
+    from conclave.cli.ledger_view import render_ledger
+
+    ledger = SqliteLedger.open_read_only(args.state_dir)
+    try:
+        print(render_ledger(ledger, run_id=args.run, as_json=args.json,
+                            participant=args.participant))
+    finally:
+        ledger.close()
+    return 0

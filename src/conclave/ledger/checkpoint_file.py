@@ -1,0 +1,172 @@
+"""The checkpoint file format: a global model on disk, without pickle.
+
+A file is a fixed header, a JSON description, then the raw parameters::
+
+    magic  b"CONCLAVE-CKPT\\0"   14 bytes
+    format version              uint16, little-endian
+    description length          uint32, little-endian
+    description                 UTF-8 JSON: {"layout": [[name, [dims...]], ...],
+                                             "digest": "<sha256 hex>", "payload_bytes": N}
+    payload                     N bytes of little-endian float32 (``Parameters.to_bytes()``)
+
+The description carries the model digest, so a file can be checked on its own; the ledger
+also checks it against the digest recorded when the round was committed. Any mismatch,
+truncation or trailing garbage raises ``CheckpointCorrupted`` naming the file.
+
+Files are written atomically: a temporary file in the same folder is written, flushed and
+fsynced, renamed over the target, and the folder is fsynced, so a crash leaves either the old
+file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from conclave.core.errors import CheckpointCorrupted, LedgerError
+from conclave.core.parameters import Layout, Parameters
+
+MAGIC = b"CONCLAVE-CKPT\x00"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct(f"<{len(MAGIC)}sHI")
+_MAX_DESCRIPTION_BYTES = 64 * 1024 * 1024
+
+
+def encode_checkpoint(parameters: Parameters) -> bytes:
+    """Serialise ``parameters`` into the checkpoint file format."""
+    payload = parameters.to_bytes()
+    description = {
+        "layout": [[name, list(shape)] for name, shape in parameters.layout.entries],
+        "digest": parameters.digest(),
+        "payload_bytes": payload.nbytes,
+    }
+    desc_bytes = json.dumps(description, separators=(",", ":")).encode("utf-8")
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(desc_bytes))
+    return b"".join((prefix, desc_bytes, payload))
+
+
+def decode_checkpoint(
+    data: bytes | bytearray | memoryview, *, source: str, expected_digest: str | None = None
+) -> Parameters:
+    """Parse checkpoint bytes; ``source`` names the file in error messages.
+
+    Raises ``CheckpointCorrupted`` when the bytes are truncated, altered or do not match
+    ``expected_digest``; ``LedgerError`` when the file was written by a newer format version.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < _PREFIX.size:
+        raise CheckpointCorrupted(f"checkpoint {source} is truncated: {len(view)} bytes")
+    magic, version, desc_len = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise CheckpointCorrupted(f"checkpoint {source} is not a Conclave checkpoint file")
+    if version > FORMAT_VERSION:
+        raise LedgerError(
+            f"checkpoint {source} has format version {version}; "
+            f"this Conclave reads up to {FORMAT_VERSION}"
+        )
+    desc_end = _PREFIX.size + desc_len
+    if desc_len > _MAX_DESCRIPTION_BYTES or desc_end > len(view):
+        raise CheckpointCorrupted(f"checkpoint {source} is truncated inside its description")
+    layout, recorded_digest, payload_bytes = _parse_description(
+        bytes(view[_PREFIX.size : desc_end]), source
+    )
+    payload = view[desc_end:]
+    if payload_bytes != layout.nbytes or len(payload) != layout.nbytes:
+        raise CheckpointCorrupted(
+            f"checkpoint {source} holds {len(payload)} payload bytes; "
+            f"its layout [{layout.describe()}] needs {layout.nbytes}"
+        )
+    parameters = Parameters.from_bytes(layout, bytes(payload))
+    actual = parameters.digest()
+    if actual != recorded_digest:
+        raise CheckpointCorrupted(
+            f"checkpoint {source} is corrupted: its content has digest {actual[:12]}, "
+            f"the file says {recorded_digest[:12]}"
+        )
+    if expected_digest is not None and actual != expected_digest:
+        raise CheckpointCorrupted(
+            f"checkpoint {source} has digest {actual[:12]}, "
+            f"but the ledger recorded {expected_digest[:12]}"
+        )
+    return parameters
+
+
+def _parse_description(raw: bytes, source: str) -> tuple[Layout, str, int]:
+    try:
+        desc = json.loads(raw.decode("utf-8"))
+        entries = [(str(name), tuple(int(d) for d in shape)) for name, shape in desc["layout"]]
+        layout = Layout.of(entries)
+        digest = desc["digest"]
+        payload_bytes = desc["payload_bytes"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointCorrupted(f"checkpoint {source} has an unreadable description") from exc
+    if not isinstance(digest, str) or not isinstance(payload_bytes, int):
+        raise CheckpointCorrupted(f"checkpoint {source} has an unreadable description")
+    return layout, digest, payload_bytes
+
+
+def write_checkpoint(path: Path, parameters: Parameters) -> int:
+    """Atomically write ``parameters`` to ``path``; returns the file size in bytes.
+
+    Missing folders are created (and their parents fsynced). OS errors become ``LedgerError``.
+    """
+    data = encode_checkpoint(parameters)
+    folder = path.parent
+    try:
+        _make_dirs_durably(folder)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            _unlink_quietly(Path(tmp_name))
+            raise
+        _fsync_dir(folder)
+    except OSError as exc:
+        raise LedgerError(f"cannot write checkpoint {path}: {exc}") from exc
+    return len(data)
+
+
+def read_checkpoint(path: Path, *, expected_digest: str | None = None) -> Parameters:
+    """Read and verify a checkpoint file (``CheckpointCorrupted`` if missing or damaged)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CheckpointCorrupted(f"checkpoint {path} is missing") from exc
+    except OSError as exc:
+        raise LedgerError(f"cannot read checkpoint {path}: {exc}") from exc
+    return decode_checkpoint(data, source=str(path), expected_digest=expected_digest)
+
+
+def _make_dirs_durably(folder: Path) -> None:
+    missing: list[Path] = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync_dir(new.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass

@@ -1,0 +1,212 @@
+"""An in-memory ledger for tests and simulations that need no state directory.
+
+It follows the same contract as ``SqliteLedger`` (the contract tests run against both):
+the same errors for unknown runs and illegal round transitions, the same ordering, and
+checkpoints kept as encoded bytes that are digest-checked when read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+
+from conclave.core.errors import LedgerError
+from conclave.core.parameters import Parameters
+from conclave.core.records import (
+    CheckpointRecord,
+    ContributionRecord,
+    ParticipantEvent,
+    RoundRecord,
+    RunRecord,
+)
+from conclave.core.types import RoundStatus, RunStatus, TaskKind
+from conclave.ledger.checkpoint_file import decode_checkpoint, encode_checkpoint
+from conclave.ledger.lifecycle import (
+    check_committable,
+    check_finishable,
+    check_startable,
+    checkpoint_relpath,
+    round_sort_key,
+)
+
+_RoundKey = tuple[int, TaskKind]
+
+
+class _RunState:
+    """Everything recorded about one run."""
+
+    __slots__ = ("record", "rounds", "events", "contributions", "checkpoints", "blobs")
+
+    def __init__(self, record: RunRecord) -> None:
+        self.record = record
+        self.rounds: dict[_RoundKey, RoundRecord] = {}
+        self.events: list[ParticipantEvent] = []
+        self.contributions: list[ContributionRecord] = []
+        self.checkpoints: dict[int, CheckpointRecord] = {}
+        self.blobs: dict[int, bytes] = {}
+
+
+class MemoryLedger:
+    """A ``Ledger`` held in process memory; thread-safe; lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, _RunState] = {}
+        self._closed = False
+
+    def __enter__(self) -> MemoryLedger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- runs -------------------------------------------------------------------------------
+    def create_run(self, run: RunRecord) -> None:
+        with self._lock:
+            self._check_open()
+            if run.run_id in self._runs:
+                raise LedgerError(f"run {run.run_id!r} already exists")
+            self._runs[run.run_id] = _RunState(run)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        with self._lock:
+            return self._run(run_id).record
+
+    def runs(self) -> Sequence[RunRecord]:
+        with self._lock:
+            self._check_open()
+            return sorted((s.record for s in self._runs.values()), key=lambda r: r.created_at)
+
+    def set_run_status(self, run_id: str, status: RunStatus, reason: str = "") -> None:
+        with self._lock:
+            state = self._run(run_id)
+            state.record = dataclasses.replace(state.record, status=status, reason=reason)
+
+    # -- participants -----------------------------------------------------------------------
+    def record_participant_event(self, event: ParticipantEvent) -> None:
+        with self._lock:
+            self._run(event.run_id).events.append(event)
+
+    def participant_events(
+        self, run_id: str, participant: str | None = None
+    ) -> Sequence[ParticipantEvent]:
+        with self._lock:
+            events = self._run(run_id).events
+            return [e for e in events if participant is None or e.participant == participant]
+
+    # -- rounds -----------------------------------------------------------------------------
+    def start_round(self, record: RoundRecord) -> None:
+        with self._lock:
+            state = self._run(record.run_id)
+            key = (record.round, record.kind)
+            check_startable(state.rounds.get(key), record)
+            state.rounds[key] = dataclasses.replace(
+                record, selected=tuple(record.selected), metrics=_metrics(record.metrics, {})
+            )
+
+    def finish_round(
+        self,
+        run_id: str,
+        round: int,
+        kind: TaskKind,
+        status: RoundStatus,
+        *,
+        finished_at: float,
+        metrics: Mapping[str, float] | None = None,
+        reason: str = "",
+    ) -> None:
+        with self._lock:
+            state = self._run(run_id)
+            current = check_finishable(state.rounds.get((round, kind)), run_id, round, kind, status)
+            state.rounds[(round, kind)] = dataclasses.replace(
+                current,
+                status=status,
+                finished_at=finished_at,
+                metrics=_metrics(metrics, current.metrics),
+                reason=reason,
+            )
+
+    def commit_round(
+        self,
+        run_id: str,
+        round: int,
+        parameters: Parameters,
+        *,
+        finished_at: float,
+        metrics: Mapping[str, float] | None = None,
+    ) -> CheckpointRecord:
+        with self._lock:
+            state = self._run(run_id)
+            current = check_committable(state.rounds.get((round, TaskKind.FIT)), run_id, round)
+            blob = encode_checkpoint(parameters)
+            digest = parameters.digest()
+            checkpoint = CheckpointRecord(
+                run_id=run_id,
+                round=round,
+                digest=digest,
+                path=f"memory:{checkpoint_relpath(run_id, round)}",
+                nbytes=len(blob),
+            )
+            state.rounds[(round, TaskKind.FIT)] = dataclasses.replace(
+                current,
+                status=RoundStatus.COMMITTED,
+                finished_at=finished_at,
+                model_digest=digest,
+                metrics=_metrics(metrics, current.metrics),
+            )
+            state.checkpoints[round] = checkpoint
+            state.blobs[round] = blob
+            return checkpoint
+
+    def rounds(self, run_id: str) -> Sequence[RoundRecord]:
+        with self._lock:
+            return sorted(self._run(run_id).rounds.values(), key=round_sort_key)
+
+    # -- contributions ----------------------------------------------------------------------
+    def record_contribution(self, record: ContributionRecord) -> None:
+        with self._lock:
+            state = self._run(record.run_id)
+            state.contributions.append(
+                dataclasses.replace(record, metrics=_metrics(record.metrics, {}))
+            )
+
+    def contributions(self, run_id: str, round: int | None = None) -> Sequence[ContributionRecord]:
+        with self._lock:
+            found = self._run(run_id).contributions
+            return [c for c in found if round is None or c.round == round]
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoints(self, run_id: str) -> Sequence[CheckpointRecord]:
+        with self._lock:
+            found = self._run(run_id).checkpoints
+            return [found[r] for r in sorted(found)]
+
+    def load_checkpoint(self, run_id: str, round: int) -> Parameters:
+        with self._lock:
+            state = self._run(run_id)
+            if round not in state.checkpoints:
+                raise LedgerError(f"run {run_id!r} has no checkpoint for round {round}")
+            record, blob = state.checkpoints[round], state.blobs[round]
+        return decode_checkpoint(blob, source=record.path, expected_digest=record.digest)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+
+    def _run(self, run_id: str) -> _RunState:
+        self._check_open()
+        try:
+            return self._runs[run_id]
+        except KeyError:
+            raise LedgerError(f"unknown run {run_id!r}") from None
+
+
+def _metrics(new: Mapping[str, float] | None, old: Mapping[str, float]) -> dict[str, float]:
+    source = old if new is None else new
+    return {str(k): float(v) for k, v in source.items()}

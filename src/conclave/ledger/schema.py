@@ -1,0 +1,110 @@
+"""The SQLite ledger's tables, and the schema version stored in ``PRAGMA user_version``."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from conclave.core.errors import LedgerError
+
+SCHEMA_VERSION = 1
+
+_TABLES = """
+CREATE TABLE runs (
+    run_id      TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    spec_toml   TEXT NOT NULL,
+    seed        INTEGER NOT NULL,
+    status      TEXT NOT NULL,
+    reason      TEXT NOT NULL DEFAULT '',
+    created_at  REAL NOT NULL
+);
+CREATE TABLE rounds (
+    run_id        TEXT NOT NULL REFERENCES runs(run_id),
+    round         INTEGER NOT NULL,
+    kind          TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    selected      TEXT NOT NULL,
+    started_at    REAL NOT NULL,
+    finished_at   REAL,
+    model_digest  TEXT NOT NULL DEFAULT '',
+    metrics       TEXT NOT NULL DEFAULT '{}',
+    reason        TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (run_id, round, kind)
+);
+CREATE TABLE participant_events (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id       TEXT NOT NULL REFERENCES runs(run_id),
+    participant  TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    at           REAL NOT NULL,
+    detail       TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX participant_events_by_run ON participant_events (run_id, participant);
+CREATE TABLE contributions (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id         TEXT NOT NULL REFERENCES runs(run_id),
+    round          INTEGER NOT NULL,
+    kind           TEXT NOT NULL,
+    participant    TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    weight         INTEGER NOT NULL,
+    metrics        TEXT NOT NULL DEFAULT '{}',
+    digest         TEXT NOT NULL DEFAULT '',
+    reason         TEXT NOT NULL DEFAULT '',
+    received_at    REAL NOT NULL,
+    train_seconds  REAL NOT NULL
+);
+CREATE INDEX contributions_by_round ON contributions (run_id, round);
+CREATE TABLE checkpoints (
+    run_id  TEXT NOT NULL REFERENCES runs(run_id),
+    round   INTEGER NOT NULL,
+    digest  TEXT NOT NULL,
+    path    TEXT NOT NULL,
+    nbytes  INTEGER NOT NULL,
+    PRIMARY KEY (run_id, round)
+);
+"""
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def ensure_schema(conn: sqlite3.Connection, source: str) -> None:
+    """Create the tables in a new database, or check that an existing one is readable.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = schema_version(conn)
+        if version == 0:
+            if _has_tables(conn):
+                raise LedgerError(f"{source} holds tables but is not a Conclave ledger")
+            for statement in _TABLES.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        else:
+            check_version(version, source)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def check_version(version: int, source: str) -> None:
+    if version > SCHEMA_VERSION:
+        raise LedgerError(
+            f"{source} has ledger schema version {version}; this Conclave reads up to "
+            f"{SCHEMA_VERSION}. Upgrade Conclave to open it."
+        )
+    if version < 1:
+        raise LedgerError(f"{source} is not a Conclave ledger (schema version {version})")
+
+
+def _has_tables(conn: sqlite3.Connection) -> bool:
+    row = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()
+    return int(row[0]) > 0

@@ -1,0 +1,441 @@
+"""The durable ledger: one SQLite database (WAL mode) plus checkpoint files in a state folder.
+
+Layout of a state directory::
+
+    <state_dir>/ledger.sqlite                        runs, rounds, events, contributions, ...
+    <state_dir>/checkpoints/<run>/round-00001.ckpt   one global model per committed FIT round
+
+Every write method is one transaction with ``synchronous=FULL``: when it returns, the write
+survives a crash or power loss. ``commit_round`` first writes the checkpoint file atomically,
+then marks the round committed and records the checkpoint in one transaction, so a committed
+round always has its checkpoint. One connection serves all threads, guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from conclave.core.errors import LedgerError
+from conclave.core.parameters import Parameters
+from conclave.core.records import (
+    CheckpointRecord,
+    ContributionRecord,
+    ParticipantEvent,
+    RoundRecord,
+    RunRecord,
+)
+from conclave.core.types import (
+    ParticipantState,
+    RoundStatus,
+    RunStatus,
+    TaskKind,
+)
+from conclave.ledger.checkpoint_file import read_checkpoint, write_checkpoint
+from conclave.ledger.lifecycle import (
+    check_committable,
+    check_finishable,
+    check_startable,
+    checkpoint_relpath,
+    round_sort_key,
+)
+from conclave.ledger.rows import (
+    CONTRIBUTION_COLUMNS,
+    ROUND_COLUMNS,
+    RUN_COLUMNS,
+    contribution_record,
+    dump_metrics,
+    round_record,
+    run_record,
+)
+from conclave.ledger.schema import check_version, ensure_schema, schema_version
+
+DB_NAME = "ledger.sqlite"
+_BUSY_TIMEOUT_S = 10.0
+
+
+class SqliteLedger:
+    """A ``Ledger`` stored in ``state_dir`` (created if missing)."""
+
+    def __init__(self, state_dir: Path, *, read_only: bool = False) -> None:
+        self._state_dir = Path(state_dir).resolve()
+        self._db_path = self._state_dir / DB_NAME
+        self._read_only = read_only
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        try:
+            if read_only:
+                if not self._db_path.is_file():
+                    raise LedgerError(f"no ledger in {self._state_dir} (missing {DB_NAME})")
+                self._conn = self._connect_read_only()
+            else:
+                self._state_dir.mkdir(parents=True, exist_ok=True)
+                self._conn = self._connect_read_write()
+        except sqlite3.Error as exc:
+            self.close()
+            raise LedgerError(f"cannot open ledger {self._db_path}: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open_read_only(cls, state_dir: Path) -> SqliteLedger:
+        """Open an existing state directory for reading (``conclave ledger show``)."""
+        return cls(state_dir, read_only=True)
+
+    @property
+    def state_dir(self) -> Path:
+        return self._state_dir
+
+    @property
+    def db_path(self) -> Path:
+        return self._db_path
+
+    def __enter__(self) -> SqliteLedger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _connect_read_write(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._db_path,
+            timeout=_BUSY_TIMEOUT_S,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        self._conn = conn
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise LedgerError(f"cannot put {self._db_path} in WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        ensure_schema(conn, str(self._db_path))
+        return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        uri = f"{self._db_path.as_uri()}?mode=ro"
+        conn = sqlite3.connect(
+            uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        self._conn = conn
+        conn.execute("PRAGMA query_only = ON")
+        check_version(schema_version(conn), str(self._db_path))
+        return conn
+
+    # -- transactions -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One durable transaction; sqlite3 errors become ``LedgerError``."""
+        with self._lock:
+            conn = self._connection()
+            if self._read_only:
+                raise LedgerError(f"cannot {what}: the ledger {self._db_path} is open read-only")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot {what} in {self._db_path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._connection()
+            try:
+                yield conn
+            except (sqlite3.Error, ValueError) as exc:
+                raise LedgerError(f"cannot {what} from {self._db_path}: {exc}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise LedgerError(f"the ledger {self._db_path} is closed")
+        return self._conn
+
+    # -- runs -------------------------------------------------------------------------------
+    def create_run(self, run: RunRecord) -> None:
+        with self._write(f"create run {run.run_id!r}") as conn:
+            if _run_exists(conn, run.run_id):
+                raise LedgerError(f"run {run.run_id!r} already exists")
+            conn.execute(
+                "INSERT INTO runs (run_id, name, spec_toml, seed, status, reason, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run.run_id,
+                    run.name,
+                    run.spec_toml,
+                    run.seed,
+                    run.status.value,
+                    run.reason,
+                    run.created_at,
+                ),
+            )
+
+    def get_run(self, run_id: str) -> RunRecord:
+        with self._read(f"read run {run_id!r}") as conn:
+            row = conn.execute(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                raise _unknown_run(run_id)
+            return run_record(row)
+
+    def runs(self) -> Sequence[RunRecord]:
+        with self._read("list runs") as conn:
+            rows = conn.execute(
+                f"SELECT {RUN_COLUMNS} FROM runs ORDER BY created_at, rowid"
+            ).fetchall()
+            return [run_record(row) for row in rows]
+
+    def set_run_status(self, run_id: str, status: RunStatus, reason: str = "") -> None:
+        with self._write(f"set the status of run {run_id!r}") as conn:
+            cursor = conn.execute(
+                "UPDATE runs SET status = ?, reason = ? WHERE run_id = ?",
+                (status.value, reason, run_id),
+            )
+            if cursor.rowcount == 0:
+                raise _unknown_run(run_id)
+
+    # -- participants -----------------------------------------------------------------------
+    def record_participant_event(self, event: ParticipantEvent) -> None:
+        with self._write(f"record an event of {event.participant!r}") as conn:
+            _require_run(conn, event.run_id)
+            conn.execute(
+                "INSERT INTO participant_events (run_id, participant, state, at, detail) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (event.run_id, event.participant, event.state.value, event.at, event.detail),
+            )
+
+    def participant_events(
+        self, run_id: str, participant: str | None = None
+    ) -> Sequence[ParticipantEvent]:
+        with self._read(f"read participant events of run {run_id!r}") as conn:
+            _require_run(conn, run_id)
+            sql = "SELECT run_id, participant, state, at, detail FROM participant_events "
+            sql += "WHERE run_id = ?" + ("" if participant is None else " AND participant = ?")
+            args = (run_id,) if participant is None else (run_id, participant)
+            rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+            return [
+                ParticipantEvent(
+                    run_id=r[0],
+                    participant=r[1],
+                    state=ParticipantState(r[2]),
+                    at=r[3],
+                    detail=r[4],
+                )
+                for r in rows
+            ]
+
+    # -- rounds -----------------------------------------------------------------------------
+    def start_round(self, record: RoundRecord) -> None:
+        label = f"start round {record.round} of run {record.run_id!r}"
+        with self._write(label) as conn:
+            _require_run(conn, record.run_id)
+            check_startable(_fetch_round(conn, record.run_id, record.round, record.kind), record)
+            conn.execute(
+                f"INSERT OR REPLACE INTO rounds ({ROUND_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.run_id,
+                    record.round,
+                    record.kind.value,
+                    record.status.value,
+                    json.dumps(list(record.selected)),
+                    record.started_at,
+                    record.finished_at,
+                    record.model_digest,
+                    dump_metrics(record.metrics),
+                    record.reason,
+                ),
+            )
+
+    def finish_round(
+        self,
+        run_id: str,
+        round: int,
+        kind: TaskKind,
+        status: RoundStatus,
+        *,
+        finished_at: float,
+        metrics: Mapping[str, float] | None = None,
+        reason: str = "",
+    ) -> None:
+        with self._write(f"finish round {round} of run {run_id!r}") as conn:
+            _require_run(conn, run_id)
+            current = check_finishable(
+                _fetch_round(conn, run_id, round, kind), run_id, round, kind, status
+            )
+            conn.execute(
+                "UPDATE rounds SET status = ?, finished_at = ?, metrics = ?, reason = ? "
+                "WHERE run_id = ? AND round = ? AND kind = ?",
+                (
+                    status.value,
+                    finished_at,
+                    dump_metrics(current.metrics if metrics is None else metrics),
+                    reason,
+                    run_id,
+                    round,
+                    kind.value,
+                ),
+            )
+
+    def commit_round(
+        self,
+        run_id: str,
+        round: int,
+        parameters: Parameters,
+        *,
+        finished_at: float,
+        metrics: Mapping[str, float] | None = None,
+    ) -> CheckpointRecord:
+        relpath = checkpoint_relpath(run_id, round)
+        path = self._state_dir / relpath
+        digest = parameters.digest()
+        written = False
+        try:
+            with self._write(f"commit round {round} of run {run_id!r}") as conn:
+                _require_run(conn, run_id)
+                current = check_committable(
+                    _fetch_round(conn, run_id, round, TaskKind.FIT), run_id, round
+                )
+                nbytes = write_checkpoint(path, parameters)
+                written = True
+                conn.execute(
+                    "UPDATE rounds SET status = ?, finished_at = ?, model_digest = ?, "
+                    "metrics = ? WHERE run_id = ? AND round = ? AND kind = ?",
+                    (
+                        RoundStatus.COMMITTED.value,
+                        finished_at,
+                        digest,
+                        dump_metrics(current.metrics if metrics is None else metrics),
+                        run_id,
+                        round,
+                        TaskKind.FIT.value,
+                    ),
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO checkpoints (run_id, round, digest, path, nbytes) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (run_id, round, digest, relpath.as_posix(), nbytes),
+                )
+        except BaseException:
+            if written:
+                path.unlink(missing_ok=True)
+            raise
+        return CheckpointRecord(
+            run_id=run_id, round=round, digest=digest, path=str(path), nbytes=nbytes
+        )
+
+    def rounds(self, run_id: str) -> Sequence[RoundRecord]:
+        with self._read(f"read rounds of run {run_id!r}") as conn:
+            _require_run(conn, run_id)
+            rows = conn.execute(
+                f"SELECT {ROUND_COLUMNS} FROM rounds WHERE run_id = ?", (run_id,)
+            ).fetchall()
+            return sorted((round_record(row) for row in rows), key=round_sort_key)
+
+    # -- contributions ----------------------------------------------------------------------
+    def record_contribution(self, record: ContributionRecord) -> None:
+        label = f"record a contribution of {record.participant!r}"
+        with self._write(label) as conn:
+            _require_run(conn, record.run_id)
+            conn.execute(
+                f"INSERT INTO contributions ({CONTRIBUTION_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.run_id,
+                    record.round,
+                    record.kind.value,
+                    record.participant,
+                    record.status.value,
+                    record.weight,
+                    dump_metrics(record.metrics),
+                    record.digest,
+                    record.reason,
+                    record.received_at,
+                    record.train_seconds,
+                ),
+            )
+
+    def contributions(self, run_id: str, round: int | None = None) -> Sequence[ContributionRecord]:
+        with self._read(f"read contributions of run {run_id!r}") as conn:
+            _require_run(conn, run_id)
+            sql = f"SELECT {CONTRIBUTION_COLUMNS} FROM contributions WHERE run_id = ?"
+            sql += "" if round is None else " AND round = ?"
+            args = (run_id,) if round is None else (run_id, round)
+            rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+            return [contribution_record(row) for row in rows]
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoints(self, run_id: str) -> Sequence[CheckpointRecord]:
+        with self._read(f"read checkpoints of run {run_id!r}") as conn:
+            _require_run(conn, run_id)
+            rows = conn.execute(
+                "SELECT run_id, round, digest, path, nbytes FROM checkpoints "
+                "WHERE run_id = ? ORDER BY round",
+                (run_id,),
+            ).fetchall()
+            return [self._checkpoint_record(row) for row in rows]
+
+    def load_checkpoint(self, run_id: str, round: int) -> Parameters:
+        with self._read(f"read the checkpoint of round {round} of run {run_id!r}") as conn:
+            _require_run(conn, run_id)
+            row = conn.execute(
+                "SELECT run_id, round, digest, path, nbytes FROM checkpoints "
+                "WHERE run_id = ? AND round = ?",
+                (run_id, round),
+            ).fetchone()
+            if row is None:
+                raise LedgerError(f"run {run_id!r} has no checkpoint for round {round}")
+            record = self._checkpoint_record(row)
+        return read_checkpoint(Path(record.path), expected_digest=record.digest)
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _checkpoint_record(self, row: tuple[Any, ...]) -> CheckpointRecord:
+        return CheckpointRecord(
+            run_id=row[0],
+            round=row[1],
+            digest=row[2],
+            path=str(self._state_dir / row[3]),
+            nbytes=row[4],
+        )
+
+
+# -- queries shared by several methods --------------------------------------------------------
+def _unknown_run(run_id: str) -> LedgerError:
+    return LedgerError(f"unknown run {run_id!r}")
+
+
+def _run_exists(conn: sqlite3.Connection, run_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
+
+
+def _require_run(conn: sqlite3.Connection, run_id: str) -> None:
+    if not _run_exists(conn, run_id):
+        raise _unknown_run(run_id)
+
+
+def _fetch_round(
+    conn: sqlite3.Connection, run_id: str, round: int, kind: TaskKind
+) -> RoundRecord | None:
+    row = conn.execute(
+        f"SELECT {ROUND_COLUMNS} FROM rounds WHERE run_id = ? AND round = ? AND kind = ?",
+        (run_id, round, kind.value),
+    ).fetchone()
+    return None if row is None else round_record(row)

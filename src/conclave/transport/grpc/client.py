@@ -1,0 +1,122 @@
+"""A participant's view of the coordinator over gRPC: a ``CoordinatorService`` client.
+
+Failed calls come back as Conclave errors (see ``status``): refusals as
+``RemoteProtocolError`` / ``InvalidUpdate`` with the coordinator's reason, connection trouble
+(UNAVAILABLE, DEADLINE_EXCEEDED, ...) as ``TransportError``, always chained to the gRPC error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import grpc
+
+from conclave.core.errors import TransportError
+from conclave.core.types import (
+    PROTOCOL_VERSION,
+    Evaluation,
+    HeartbeatReply,
+    JoinReply,
+    JoinRequest,
+    TaskAssignment,
+    Update,
+    Verdict,
+)
+from conclave.transport.grpc import conclave_pb2_grpc as pb_grpc
+from conclave.transport.grpc import serde
+from conclave.transport.grpc.chunks import DEFAULT_CHUNK_BYTES, message_limit
+from conclave.transport.grpc.status import error_for_rpc
+
+
+@contextmanager
+def _translated(rpc: str) -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise error_for_rpc(rpc, exc) from exc
+
+
+class GrpcCoordinatorClient:
+    """Calls a coordinator's gRPC server; implements ``CoordinatorService``.
+
+    ``timeout_s`` bounds every call; ``fetch_task`` gets ``wait_s + timeout_s`` because the
+    coordinator may hold it open for ``wait_s`` (a long poll). ``chunk_bytes`` must not exceed
+    the server's (both default to 1 MiB). ``protocol_version`` exists for compatibility tests.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 30.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_model_bytes: int = 2**31,
+        protocol_version: int = PROTOCOL_VERSION,
+    ) -> None:
+        if timeout_s <= 0 or chunk_bytes <= 0:
+            raise ValueError("timeout_s and chunk_bytes must be positive")
+        self._address = address
+        self._timeout_s = timeout_s
+        self._chunk_bytes = chunk_bytes
+        self._max_model_bytes = max_model_bytes
+        self._version = protocol_version
+        options = [
+            ("grpc.max_receive_message_length", message_limit(chunk_bytes)),
+            ("grpc.max_send_message_length", message_limit(chunk_bytes)),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self._closed = False
+
+    def join(self, request: JoinRequest) -> JoinReply:
+        with _translated("Join"):
+            reply = self._stub.Join(serde.join_request_to_proto(request), timeout=self._timeout_s)
+        return serde.join_reply_from_proto(reply)
+
+    def heartbeat(
+        self, run_id: str, participant: str, telemetry: Mapping[str, float]
+    ) -> HeartbeatReply:
+        request = serde.heartbeat_request_to_proto(run_id, participant, telemetry, self._version)
+        with _translated("Heartbeat"):
+            reply = self._stub.Heartbeat(request, timeout=self._timeout_s)
+        return serde.heartbeat_reply_from_proto(reply)
+
+    def fetch_task(self, run_id: str, participant: str, wait_s: float) -> TaskAssignment:
+        wait_s = max(0.0, wait_s)
+        request = serde.fetch_request_to_proto(run_id, participant, wait_s, self._version)
+        with _translated("FetchTask"):
+            stream = self._stub.FetchTask(request, timeout=wait_s + self._timeout_s)
+            try:
+                return serde.assignment_from_messages(stream, max_bytes=self._max_model_bytes)
+            finally:
+                stream.cancel()  # a no-op once the stream completed; frees it on errors
+
+    def submit_update(self, update: Update) -> Verdict:
+        messages = serde.update_messages(update, self._chunk_bytes, self._version)
+        with _translated("SubmitUpdate"):
+            reply = self._stub.SubmitUpdate(messages, timeout=self._timeout_s)
+        return serde.verdict_from_proto(reply)
+
+    def submit_evaluation(self, evaluation: Evaluation) -> Verdict:
+        request = serde.evaluation_to_proto(evaluation, self._version)
+        with _translated("SubmitEvaluation"):
+            reply = self._stub.SubmitEvaluation(request, timeout=self._timeout_s)
+        return serde.verdict_from_proto(reply)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def __enter__(self) -> GrpcCoordinatorClient:
+        if self._closed:
+            raise TransportError(f"client for {self._address} is closed")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

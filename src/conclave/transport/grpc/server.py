@@ -1,0 +1,209 @@
+"""Exposes a ``CoordinatorService`` as the ``conclave.v1.Coordinator`` gRPC service.
+
+The servicer is thin: check the protocol version, decode (``serde``), call the service,
+encode. Every exception is translated in one place (``status``): expected refusals become
+their status code, anything else is logged here and answered with a generic INTERNAL, so a
+failing service never takes the server down. Uploads are assembled into one buffer of
+exactly the announced size after the header passed its checks, and the service sees an
+update only once every byte arrived and the digest matched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from conclave.core.errors import LocalProtocolError, TransportError
+from conclave.core.ports import CoordinatorService
+from conclave.transport.grpc import conclave_pb2 as pb
+from conclave.transport.grpc import conclave_pb2_grpc as pb_grpc
+from conclave.transport.grpc import serde
+from conclave.transport.grpc.chunks import DEFAULT_CHUNK_BYTES, message_limit
+from conclave.transport.grpc.status import ERROR_CLASS_KEY, INTERNAL_DETAILS, status_for
+
+_log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
+
+
+def _server_options(chunk_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", message_limit(chunk_bytes)),
+        ("grpc.max_send_message_length", message_limit(chunk_bytes)),
+        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def _abort(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
+    """Answer the call with the status for ``exc``; call only from an ``except`` block."""
+    status = status_for(exc)
+    if status is None:
+        _log.exception("%s failed inside the coordinator", rpc)
+        context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+        raise AssertionError("unreachable")  # context.abort always raises
+    _log.info("%s refused (%s): %s", rpc, status.code.name, status.details)
+    context.set_trailing_metadata(((ERROR_CLASS_KEY, status.error_class),))
+    context.abort(status.code, status.details)
+    raise AssertionError("unreachable")
+
+
+def _guarded(context: grpc.ServicerContext, rpc: str, call: Callable[[], _R]) -> _R:
+    try:
+        return call()
+    except Exception as exc:  # the one boundary where every error is translated
+        _abort(context, rpc, exc)
+
+
+def _check(version: int) -> None:
+    serde.check_version(version, peer="participant", local="this coordinator")
+
+
+class _Servicer(pb_grpc.CoordinatorServicer):
+    def __init__(
+        self, service: CoordinatorService, *, max_model_bytes: int, chunk_bytes: int
+    ) -> None:
+        self._service = service
+        self._max_model_bytes = max_model_bytes
+        self._chunk_bytes = chunk_bytes
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        def call() -> pb.JoinReply:
+            _check(request.protocol_version)
+            reply = self._service.join(serde.join_request_from_proto(request))
+            return serde.join_reply_to_proto(reply)
+
+        return _guarded(context, "Join", call)
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        def call() -> pb.HeartbeatReply:
+            _check(request.protocol_version)
+            beat = serde.heartbeat_request_from_proto(request)
+            reply = self._service.heartbeat(beat.run_id, beat.participant, beat.telemetry)
+            return serde.heartbeat_reply_to_proto(reply)
+
+        return _guarded(context, "Heartbeat", call)
+
+    def FetchTask(
+        self, request: pb.FetchTaskRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.TaskMessage]:
+        def call() -> Iterator[pb.TaskMessage]:
+            _check(request.protocol_version)
+            fetch = serde.fetch_request_from_proto(request)
+            assignment = self._service.fetch_task(fetch.run_id, fetch.participant, fetch.wait_s)
+            return serde.task_messages(assignment, self._chunk_bytes)
+
+        # The header is built (and checked) inside call(); chunks are plain copies.
+        yield from _guarded(context, "FetchTask", call)
+
+    def SubmitUpdate(
+        self, request_iterator: Iterator[pb.UpdateMessage], context: grpc.ServicerContext
+    ) -> pb.Verdict:
+        try:
+            update = serde.update_from_messages(
+                request_iterator, max_bytes=self._max_model_bytes
+            )
+        except grpc.RpcError:
+            # The participant cancelled or disconnected mid-upload: nothing reaches the
+            # service. gRPC knows this error as its own and answers nobody.
+            _log.info("SubmitUpdate abandoned by the participant before it completed")
+            raise
+        except Exception as exc:
+            _abort(context, "SubmitUpdate", exc)
+        return _guarded(
+            context,
+            "SubmitUpdate",
+            lambda: serde.verdict_to_proto(self._service.submit_update(update)),
+        )
+
+    def SubmitEvaluation(
+        self, request: pb.EvaluationRequest, context: grpc.ServicerContext
+    ) -> pb.Verdict:
+        def call() -> pb.Verdict:
+            _check(request.protocol_version)
+            verdict = self._service.submit_evaluation(serde.evaluation_from_proto(request))
+            return serde.verdict_to_proto(verdict)
+
+        return _guarded(context, "SubmitEvaluation", call)
+
+
+class GrpcServer:
+    """Serves ``service`` over gRPC. ``start()`` returns the bound ``host:port``."""
+
+    def __init__(
+        self,
+        service: CoordinatorService,
+        address: str = "127.0.0.1:0",
+        *,
+        max_model_bytes: int = 2**31,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_workers: int = 32,
+    ) -> None:
+        if chunk_bytes <= 0 or max_model_bytes < 0 or max_workers <= 0:
+            raise ValueError("chunk_bytes and max_workers must be positive, max_model_bytes >= 0")
+        self._servicer = _Servicer(
+            service, max_model_bytes=max_model_bytes, chunk_bytes=chunk_bytes
+        )
+        self._requested = address
+        self._chunk_bytes = chunk_bytes
+        self._max_workers = max_workers
+        self._server: grpc.Server | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._address: str | None = None
+
+    @property
+    def address(self) -> str:
+        if self._address is None:
+            raise LocalProtocolError("the server has not been started")
+        return self._address
+
+    def start(self) -> str:
+        if self._server is not None:
+            raise LocalProtocolError("the server is already started")
+        executor = ThreadPoolExecutor(
+            max_workers=self._max_workers, thread_name_prefix="conclave-grpc"
+        )
+        server = grpc.server(executor, options=_server_options(self._chunk_bytes))
+        pb_grpc.add_CoordinatorServicer_to_server(self._servicer, server)
+        try:
+            port = server.add_insecure_port(self._requested)
+        except RuntimeError as exc:
+            executor.shutdown(wait=False)
+            raise TransportError(f"cannot listen on {self._requested}: {exc}") from exc
+        if port == 0:
+            executor.shutdown(wait=False)
+            raise TransportError(f"cannot listen on {self._requested}")
+        server.start()
+        host = self._requested.rsplit(":", 1)[0]
+        self._server, self._executor = server, executor
+        self._address = f"{host}:{port}"
+        _log.info("coordinator gRPC server listening on %s", self._address)
+        return self._address
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """Stop accepting calls; running calls get ``grace_s`` to finish, then are cancelled."""
+        server, executor = self._server, self._executor
+        if server is None or executor is None:
+            return
+        self._server = self._executor = None
+        server.stop(grace_s).wait()
+        # Handlers stuck in a service call (a long poll) must not block shutdown.
+        executor.shutdown(wait=False, cancel_futures=True)
+        _log.info("coordinator gRPC server on %s stopped", self._address)
+
+    def __enter__(self) -> GrpcServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,62 @@
+"""In-process transport: participants call the coordinator's service directly.
+
+Used by simulations and tests. It behaves like a wire in the one way that matters for
+correctness: nothing mutable is shared across it. Parameters are copied once (one flat
+buffer copy, no serialisation) and mappings are copied, so a participant that mutates the
+arrays or the config it received, or the update it sent, cannot touch the coordinator's state
+(and the other way round). Errors the service raises reach the caller unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from conclave.core.ports import CoordinatorService
+from conclave.core.types import (
+    Evaluation,
+    HeartbeatReply,
+    JoinReply,
+    JoinRequest,
+    TaskAssignment,
+    Update,
+    Verdict,
+)
+
+
+class MemoryTransport:
+    """Implements ``CoordinatorService`` by calling ``service`` in the same process."""
+
+    __slots__ = ("_service",)
+
+    def __init__(self, service: CoordinatorService) -> None:
+        self._service = service
+
+    def join(self, request: JoinRequest) -> JoinReply:
+        request = dataclasses.replace(request, capabilities=dict(request.capabilities))
+        return self._service.join(request)
+
+    def heartbeat(
+        self, run_id: str, participant: str, telemetry: Mapping[str, float]
+    ) -> HeartbeatReply:
+        return self._service.heartbeat(run_id, participant, dict(telemetry))
+
+    def fetch_task(self, run_id: str, participant: str, wait_s: float) -> TaskAssignment:
+        assignment = self._service.fetch_task(run_id, participant, wait_s)
+        task = assignment.task
+        if task is None:
+            return assignment
+        task = dataclasses.replace(
+            task, config=dict(task.config), parameters=task.parameters.copy()
+        )
+        return dataclasses.replace(assignment, task=task)
+
+    def submit_update(self, update: Update) -> Verdict:
+        update = dataclasses.replace(
+            update, metrics=dict(update.metrics), parameters=update.parameters.copy()
+        )
+        return self._service.submit_update(update)
+
+    def submit_evaluation(self, evaluation: Evaluation) -> Verdict:
+        evaluation = dataclasses.replace(evaluation, metrics=dict(evaluation.metrics))
+        return self._service.submit_evaluation(evaluation)
