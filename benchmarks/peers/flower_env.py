@@ -62,17 +62,26 @@ def flower_venv_dir() -> Path:
 def flower_env_vars(home: Path) -> dict[str, str]:
     """Variables that keep Flower and Ray from reaching any outside host.
 
-    ``home`` becomes ``FLWR_HOME`` (Flower's config and state folder); it is created if absent.
+    ``home`` becomes ``FLWR_HOME`` (Flower's config and state folder) and is created if absent.
+    ``HOME`` points at ``home/user``, which holds a stub ``ray_bootstrap_config.yaml``: Ray's
+    dashboard (started even with ``include_dashboard=False``) otherwise probes the Azure, GCP
+    and AWS metadata services (169.254.169.254, a DNS lookup of metadata.google.internal) to
+    guess a cloud provider, whether or not usage statistics are enabled.
     """
-    home.mkdir(parents=True, exist_ok=True)
+    user_home = home / "user"
+    user_home.mkdir(parents=True, exist_ok=True)
+    bootstrap = user_home / "ray_bootstrap_config.yaml"
+    if not bootstrap.is_file():
+        bootstrap.write_text("{}\n", encoding="utf-8")
     return {
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
-        # Keeps a Ray cluster from being exposed beyond the local host (127.0.0.1).
+        # Off: Ray binds and advertises 127.0.0.1 instead of the host's routable address.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "FLWR_HOME": str(home),
+        "HOME": str(user_home),
     }
 
 

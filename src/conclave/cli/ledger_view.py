@@ -24,6 +24,7 @@ from conclave.core.records import (
 from conclave.core.types import ContributionStatus
 
 _KEY_METRICS = ("loss", "accuracy")
+_MAX_OTHER_RUNS = 5
 _JsonValue = None | bool | int | float | str | list["_JsonValue"] | dict[str, "_JsonValue"]
 
 
@@ -64,7 +65,7 @@ def render_ledger(
         lines += ["", "participants", *_participants_table(events, contributions)]
     else:
         lines += ["", f"history of {participant}", *_history_table(run, events, contributions)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def _pick_run(ledger: Ledger, run_id: str | None) -> RunRecord:
@@ -89,7 +90,9 @@ def _header(run: RunRecord, *, others: Sequence[str]) -> list[str]:
     if run.reason:
         rows.append(("reason", run.reason))
     if others:
-        rows.append(("other runs", ", ".join(others)))
+        listed = ", ".join(others[-_MAX_OTHER_RUNS:])
+        more = len(others) - _MAX_OTHER_RUNS
+        rows.append(("other runs", listed + (f" (and {more} older)" if more > 0 else "")))
     width = max(len(label) for label, _ in rows)
     return [f"{label.ljust(width)}  {value}" for label, value in rows]
 

@@ -146,7 +146,9 @@ def _checked_split(
         raise ConfigError(f"x_{name}", f"shape {features.shape}", "a 2-D array (rows, features)")
     if labels.shape[0] != features.shape[0]:
         raise ConfigError(
-            f"y_{name}", f"{labels.shape[0]} labels", f"one per row of x_{name} ({features.shape[0]})"
+            f"y_{name}",
+            f"{labels.shape[0]} labels",
+            f"one per row of x_{name} ({features.shape[0]})",
         )
     if not np.isin(labels, (0.0, 1.0)).all():
         raise ConfigError(f"y_{name}", "labels outside {0, 1}", "binary 0/1 labels")

@@ -134,9 +134,7 @@ class TorchTrainer:
         total_loss = 0.0
         for inputs, targets in _take(self._train_loader_fn(settings, rng), settings.local_steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = self._loss_fn(
-                self._model(inputs.to(self._device)), targets.to(self._device)
-            )
+            loss = self._loss_fn(self._model(inputs.to(self._device)), targets.to(self._device))
             loss.backward()
             optimizer.step()
             total_loss += float(loss.detach().item())

@@ -9,13 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conclave.core.errors import ConfigError, TrainerError  # noqa: E402
-from conclave.core.parameters import Parameters  # noqa: E402
-from conclave.core.ports import Trainer  # noqa: E402
-from conclave.core.types import TrainerContext  # noqa: E402
-from conclave.tasks import heart_disease  # noqa: E402
-from conclave.trainers.fit_config import FitConfig  # noqa: E402
-from conclave.trainers.torch_adapter import Batch, TorchTrainer, accuracy  # noqa: E402
+from conclave.core.errors import ConfigError, TrainerError
+from conclave.core.parameters import Parameters
+from conclave.core.ports import Trainer
+from conclave.core.types import TrainerContext
+from conclave.tasks import heart_disease
+from conclave.trainers.fit_config import FitConfig
+from conclave.trainers.torch_adapter import Batch, TorchTrainer, accuracy
 
 pytestmark = pytest.mark.torch
 
@@ -137,7 +137,7 @@ def test_divergence_and_empty_loaders_are_trainer_errors() -> None:
         yield from ()
 
     empty = TorchTrainer(
-        torch.nn.Linear(3, 1), nothing, lambda: [], torch.nn.MSELoss(),
+        torch.nn.Linear(3, 1), nothing, list, torch.nn.MSELoss(),
         num_train_examples=5, seed=0,
     )  # fmt: skip
     with pytest.raises(TrainerError, match="ran dry"):

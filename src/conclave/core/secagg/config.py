@@ -8,6 +8,7 @@ from n (see :mod:`conclave.core.secagg.graph`) and validates everything, raising
 from __future__ import annotations
 
 import bisect
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +26,18 @@ from conclave.core.secagg.graph import (
 )
 from conclave.core.secagg.keys import round_context
 from conclave.core.secagg.shamir import MAX_X
+
+
+class Stage(enum.Enum):
+    """Stages of both machines. A participant is *in* a stage when it waits to perform it;
+    the coordinator is in a stage while it collects that stage's messages."""
+
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    MASKED_INPUT = "masked_input"
+    UNMASK = "unmask"
+    DONE = "done"
+    ERROR = "error"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
