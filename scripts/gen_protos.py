@@ -46,12 +46,11 @@ def _fix_imports(text: str) -> str:
 def generate(out_dir: Path) -> list[Path]:
     """Compile the proto and write the generated files (flat) into ``out_dir``."""
     try:
-        from grpc_tools import protoc
+        from grpc_tools import protoc  # type: ignore[import-untyped]
     except ImportError as exc:  # pragma: no cover - exercised only without dev deps
         raise SystemExit("grpcio-tools is not installed: pip install grpcio-tools") from exc
-    import grpc_tools
 
-    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    well_known = Path(protoc.__file__).parent / "_proto"  # google/protobuf/*.proto
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         args = [

@@ -20,6 +20,7 @@ file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -166,7 +167,5 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _unlink_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         path.unlink()
-    except OSError:
-        pass

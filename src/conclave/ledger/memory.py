@@ -36,7 +36,7 @@ _RoundKey = tuple[int, TaskKind]
 class _RunState:
     """Everything recorded about one run."""
 
-    __slots__ = ("record", "rounds", "events", "contributions", "checkpoints", "blobs")
+    __slots__ = ("blobs", "checkpoints", "contributions", "events", "record", "rounds")
 
     def __init__(self, record: RunRecord) -> None:
         self.record = record

@@ -40,13 +40,15 @@ def initial_logreg_parameters(n_features: int, seed: int) -> Parameters:
 
 def binary_cross_entropy(logits: Float32Array, labels: Float32Array) -> Float32Array:
     """Per-example BCE of ``sigmoid(logits)`` against 0/1 labels, without overflow."""
-    return np.logaddexp(np.float32(0.0), logits) - labels * logits
+    loss: Float32Array = np.logaddexp(np.float32(0.0), logits) - labels * logits
+    return loss
 
 
 def sigmoid(logits: Float32Array) -> Float32Array:
     """The logistic function in a form that never overflows."""
     half = np.float32(0.5)
-    return half * (np.tanh(half * logits) + np.float32(1.0))
+    probabilities: Float32Array = half * (np.tanh(half * logits) + np.float32(1.0))
+    return probabilities
 
 
 class LogisticRegressionTrainer:

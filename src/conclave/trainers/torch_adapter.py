@@ -135,7 +135,7 @@ class TorchTrainer:
         for inputs, targets in _take(self._train_loader_fn(settings, rng), settings.local_steps):
             optimizer.zero_grad(set_to_none=True)
             loss = self._loss_fn(self._model(inputs.to(self._device)), targets.to(self._device))
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             total_loss += float(loss.detach().item())
         params = self.get_weights()

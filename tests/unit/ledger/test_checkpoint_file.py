@@ -45,7 +45,7 @@ def small() -> Parameters:
 def test_every_truncation_is_caught() -> None:
     data = encode_checkpoint(small())
     for length in range(len(data)):
-        with pytest.raises(CheckpointCorrupted, match="file.ckpt"):
+        with pytest.raises(CheckpointCorrupted, match=r"file\.ckpt"):
             decode_checkpoint(data[:length], source="file.ckpt")
 
 

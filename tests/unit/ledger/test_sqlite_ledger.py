@@ -198,7 +198,7 @@ def test_damaged_checkpoint_is_detected(ledger: SqliteLedger, damage: str) -> No
         path.unlink()
     else:
         path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointCorrupted, match="round-00001.ckpt"):
+    with pytest.raises(CheckpointCorrupted, match=r"round-00001\.ckpt"):
         ledger.load_checkpoint(RUN, 1)
 
 

@@ -7,7 +7,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+
+import torch
 
 from conclave.core.errors import ConfigError, TrainerError
 from conclave.core.parameters import Parameters
@@ -45,7 +47,8 @@ def _trainer(model: torch.nn.Module | None = None, **kwargs: object) -> TorchTra
 
 
 def test_weights_are_the_floating_state_dict_entries() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    linear = torch.nn.Linear(3, 4)
+    model = torch.nn.Sequential(linear, torch.nn.BatchNorm1d(4))
     trainer = _trainer(model)
     assert isinstance(trainer, Trainer)
     weights = trainer.get_weights()
@@ -53,19 +56,21 @@ def test_weights_are_the_floating_state_dict_entries() -> None:
         "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
     )  # fmt: skip
     assert "1.num_batches_tracked" in model.state_dict()
-    np.testing.assert_array_equal(weights["0.weight"], model[0].weight.detach().numpy())
+    np.testing.assert_array_equal(weights["0.weight"], linear.weight.detach().numpy())
 
 
 def test_set_weights_writes_into_the_model_and_get_weights_copies() -> None:
-    trainer = _trainer()
+    model = torch.nn.Linear(3, 1)
+    trainer = _trainer(model)
     new = Parameters.from_arrays({"weight": [[1.0, 2.0, 3.0]], "bias": [4.0]})
     new.flat.flags.writeable = False  # a read-only buffer must not warn or fail
     trainer.set_weights(new)
-    assert trainer.model.weight.tolist() == [[1.0, 2.0, 3.0]]
-    assert trainer.model.bias.tolist() == [4.0]
+    assert trainer.model is model
+    assert model.weight.tolist() == [[1.0, 2.0, 3.0]]
+    assert model.bias.tolist() == [4.0]
     out = trainer.get_weights()
     out.flat[:] = 0.0
-    assert trainer.model.bias.item() == 4.0
+    assert model.bias.item() == 4.0
     with pytest.raises(ConfigError):
         trainer.set_weights(Parameters.from_arrays({"weight": [[1.0, 2.0]], "bias": [0.0]}))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conclave.core.errors import InvalidUpdate, LocalProtocolError, RemoteProtocolError
@@ -21,6 +21,7 @@ scalars = st.one_of(
 )
 
 
+@settings(max_examples=40, deadline=None)
 @given(st.dictionaries(st.text(), scalars, max_size=8))
 def test_config_round_trip_keeps_values_and_types(config):
     decoded = serde.config_from_proto(serde.config_to_proto(config))
@@ -61,7 +62,9 @@ def test_assembler_refusals():
     layout, digest, nbytes = params.layout, params.digest(), params.layout.nbytes
 
     with pytest.raises(InvalidUpdate, match="exceeds the limit"):
-        PayloadAssembler(layout, digest=digest, total_bytes=nbytes, max_bytes=7, error=InvalidUpdate)
+        PayloadAssembler(
+            layout, digest=digest, total_bytes=nbytes, max_bytes=7, error=InvalidUpdate
+        )
     with pytest.raises(RemoteProtocolError, match="announces 9 bytes"):
         PayloadAssembler(layout, digest=digest, total_bytes=9, max_bytes=100)
 

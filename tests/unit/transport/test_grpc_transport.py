@@ -53,9 +53,10 @@ def test_join(client: GrpcCoordinatorClient, fake):
 
 def test_heartbeat(client: GrpcCoordinatorClient, fake):
     fake.heartbeat_reply = HeartbeatReply(has_task=False, run_finished=True)
-    reply = client.heartbeat("run-7", "hospital-0", {"cpu_percent": 12.5, "rss_bytes": 1e9})
+    telemetry = {"cpu_percent": 12.5, "rss_bytes": 1e9}
+    reply = client.heartbeat("run-7", "hospital-0", telemetry)
     assert reply == HeartbeatReply(has_task=False, run_finished=True)
-    assert fake.last("heartbeat") == ("run-7", "hospital-0", {"cpu_percent": 12.5, "rss_bytes": 1e9})
+    assert fake.last("heartbeat") == ("run-7", "hospital-0", telemetry)
 
 
 @pytest.mark.parametrize("kind", list(TaskKind))

@@ -104,7 +104,8 @@ def _load_hospital(index: int) -> HospitalData:
     text = _read_verified(HOSPITAL_FILES[index])
     train_lines, test_lines = _split_lines(index)
     raw = _parse(text)  # (lines, 14), NaN for missing, row i = line i + 1
-    kept = ~np.isnan(np.delete(raw, (10, 11, 12), axis=1)).any(axis=1)
+    missing = np.isnan(np.delete(raw, (10, 11, 12), axis=1))
+    kept = np.asarray(~missing.any(axis=1), dtype=np.bool_)
     for line in (*train_lines, *test_lines):
         if not 1 <= line <= raw.shape[0] or not kept[line - 1]:
             raise DataIntegrityError(

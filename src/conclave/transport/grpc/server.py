@@ -28,6 +28,7 @@ from conclave.transport.grpc.status import ERROR_CLASS_KEY, INTERNAL_DETAILS, st
 _log = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
+_ABANDONED = "SubmitUpdate abandoned by the participant before it completed"
 
 
 def _server_options(chunk_bytes: int) -> list[tuple[str, int]]:
@@ -116,9 +117,13 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         except grpc.RpcError:
             # The participant cancelled or disconnected mid-upload: nothing reaches the
             # service. gRPC knows this error as its own and answers nobody.
-            _log.info("SubmitUpdate abandoned by the participant before it completed")
+            _log.info(_ABANDONED)
             raise
         except Exception as exc:
+            if not context.is_active():
+                # A cancelled stream can also just end early; it is still no refusal.
+                _log.info(_ABANDONED)
+                context.abort(grpc.StatusCode.CANCELLED, "upload abandoned")
             _abort(context, "SubmitUpdate", exc)
         return _guarded(
             context,
