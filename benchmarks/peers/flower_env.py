@@ -148,9 +148,7 @@ def _build_venv(venv: Path) -> None:
     python = str(_venv_python(venv))
     pip = [python, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     _run_step("upgrading pip", [*pip, "install", "--upgrade", "pip"], env)
-    _run_step(
-        "installing Flower", [*pip, "install", FLOWER_REQUIREMENT, *_EXTRA_REQUIREMENTS], env
-    )
+    _run_step("installing Flower", [*pip, "install", FLOWER_REQUIREMENT, *_EXTRA_REQUIREMENTS], env)
     version = _run_step(
         "checking Flower",
         [python, "-c", "import importlib.metadata as m; print(m.version('flwr'))"],
@@ -202,8 +200,12 @@ def run_flower(clients: int, dim: int, rounds: int, timeout_s: float) -> dict[st
     ]
     stderr_path = run_dir / "stderr.log"
     with stderr_path.open("w", encoding="utf-8") as stderr:
-        process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            argv, env=env, cwd=run_dir, stdout=stderr, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=run_dir,
+            stdout=stderr,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
@@ -211,8 +213,8 @@ def run_flower(clients: int, dim: int, rounds: int, timeout_s: float) -> dict[st
         except subprocess.TimeoutExpired as exc:
             _kill_tree(process)
             raise FlowerEnvError(
-                f"Flower workload timed out after {timeout_s:.0f} s; output tail:\n"
-                + _tail(stderr_path)
+                f"Flower workload timed out after {timeout_s:.0f} s; full log in {stderr_path}; "
+                "output tail:\n" + _tail(stderr_path)
             ) from exc
         except BaseException:
             _kill_tree(process)

@@ -30,16 +30,17 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Self
 
 _T_PROCESS = time.perf_counter()
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
+import numpy as np
+import psutil
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.simulation import run_simulation
 
 NOISE_STD = 1e-3
 _T_START_KEY = "t-train-start"
@@ -58,7 +59,7 @@ class TreeMemoryPoller:
         self.peak_bytes = 0
         self.peak_processes = 0
 
-    def __enter__(self) -> TreeMemoryPoller:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -74,8 +75,7 @@ class TreeMemoryPoller:
                 total += proc.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        if total > self.peak_bytes:
-            self.peak_bytes = total
+        self.peak_bytes = max(self.peak_bytes, total)
         self.peak_processes = max(self.peak_processes, len(procs))
 
     def _loop(self) -> None:
@@ -97,13 +97,23 @@ class TimedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        starts = [float(m.content["metrics"][_T_START_KEY]) for m in replies if not m.has_error()]
+        starts = [
+            _scalar(m.content.metric_records["metrics"][_T_START_KEY])
+            for m in replies
+            if not m.has_error()
+        ]
         if starts:
             self.first_train_started[server_round] = min(starts)
         result = super().aggregate_train(server_round, replies)
         self.replies_per_round[server_round] = sum(1 for m in replies if not m.has_error())
         self.round_aggregated[server_round] = time.time()
         return result
+
+
+def _scalar(value: object) -> float:
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number in the record, got {type(value).__name__}")
+    return float(value)
 
 
 def build_apps(clients: int, dim: int, rounds: int) -> tuple[ServerApp, ClientApp, TimedFedAvg]:
@@ -125,8 +135,8 @@ def build_apps(clients: int, dim: int, rounds: int) -> tuple[ServerApp, ClientAp
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
         started = time.time()
-        vector = msg.content["arrays"].to_numpy_ndarrays()[0]
-        server_round = int(msg.content["config"]["server-round"])
+        vector = msg.content.array_records["arrays"].to_numpy_ndarrays()[0]
+        server_round = int(_scalar(msg.content.config_records["config"]["server-round"]))
         rng = np.random.default_rng([context.node_id, server_round])
         noise = rng.normal(0.0, NOISE_STD, size=vector.shape).astype(np.float32)
         content = RecordDict(

@@ -83,8 +83,10 @@ class Coordinator:
         clock: Clock = time.time,
         run_id: str | None = None,
         on_round: Callable[[RoundTiming], None] | None = None,
+        detect_lost: bool = True,
     ) -> None:
         self.spec = spec
+        self._detect_lost = detect_lost
         self.run_id = run_id or f"{spec.name}-{uuid.uuid4().hex[:12]}"
         self._ledger = ledger
         self._clock = clock
@@ -140,8 +142,10 @@ class Coordinator:
         """When the earliest armed timer or heartbeat check falls due (clock time)."""
         with self._cond:
             times = list(self._timers.values())
-            limit = self._lost_after_s()
-            times += [seen + limit for p, seen in self._last_seen.items() if p not in self._lost]
+            if self._detect_lost:
+                limit = self._lost_after_s()
+                times += [seen + limit for p, seen in self._last_seen.items()
+                          if p not in self._lost]
             return min(times) if times else None
 
     def poll(self) -> None:
@@ -150,7 +154,7 @@ class Coordinator:
             now = self._clock()
             limit = self._lost_after_s()
             for participant, seen in sorted(self._last_seen.items()):
-                if participant not in self._lost and now - seen > limit:
+                if self._detect_lost and participant not in self._lost and now - seen > limit:
                     self._lost.add(participant)
                     self._event(participant, ParticipantState.LOST,
                                 f"no heartbeat for {now - seen:.1f} s")
@@ -237,7 +241,7 @@ class Coordinator:
                 self._cond.wait(min(remaining, 1.0))
 
     def submit_update(self, update: Update) -> Verdict:
-        digest = update.parameters.digest()
+        digest = update.digest or update.parameters.digest()
         with self._cond:
             self._check_member(update.run_id, update.participant)
             self._seen(update.participant)

@@ -100,6 +100,9 @@ class Update:
     parameters: Parameters
     metrics: Metrics = field(default_factory=dict)
     train_seconds: float = 0.0
+    digest: str = ""
+    """``parameters.digest()``, when the sender or the transport has already computed (and the
+    transport verified) it; the coordinator computes it when empty."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

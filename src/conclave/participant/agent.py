@@ -90,15 +90,19 @@ class ParticipantAgent:
         self.heartbeat_interval_s = reply.heartbeat_interval_s
         logger.info("%s joined run %s at round %d", self.name, reply.run_id, reply.current_round)
 
-    def step(self, wait_s: float = 0.0) -> bool:
-        """Fetch and carry out at most one task. True if a task was done."""
+    def fetch(self, wait_s: float = 0.0) -> Task | None:
+        """Ask for a task (waiting up to ``wait_s``); notes when the run is over."""
         assignment = self._service.fetch_task(self.run_id, self.name, wait_s)
         if assignment.run_finished:
             self.finished = True
+        return assignment.task
+
+    def step(self, wait_s: float = 0.0) -> bool:
+        """Fetch and carry out at most one task. True if a task was done."""
+        task = self.fetch(wait_s)
+        if task is None:
             return False
-        if assignment.task is None:
-            return False
-        self._perform(assignment.task)
+        self._perform(task)
         return True
 
     def run(self, stop: threading.Event | None = None) -> AgentStats:
@@ -128,49 +132,53 @@ class ParticipantAgent:
                 return
 
     # -- work ---------------------------------------------------------------------------
-    def _perform(self, task: Task) -> None:
-        if task.kind is TaskKind.FIT:
-            verdict = self._fit(task)
+    def prepare(self, task: Task) -> Update | Evaluation:
+        """Run the trainer on ``task``; what to submit. (No coordinator call: simulations run
+        many of these in parallel, then submit in a fixed order.)"""
+        try:
+            self._trainer.set_weights(task.parameters)
+            if task.kind is TaskKind.FIT:
+                started = time.perf_counter()
+                fit = self._trainer.fit(task.config)
+                if not isinstance(fit, FitResult) or not isinstance(fit.parameters, Parameters):
+                    raise TrainerError("trainer.fit must return a FitResult with Parameters")
+                return Update(
+                    run_id=task.run_id, round=task.round, participant=self.name,
+                    num_examples=fit.num_examples, parameters=fit.parameters,
+                    metrics=dict(fit.metrics), train_seconds=time.perf_counter() - started,
+                    digest=fit.parameters.digest(),
+                )
+            ev = self._trainer.evaluate(task.config)
+            if not isinstance(ev, EvaluateResult):
+                raise TrainerError("trainer.evaluate must return an EvaluateResult")
+            return Evaluation(
+                run_id=task.run_id, round=task.round, participant=self.name,
+                loss=float(ev.loss), num_examples=int(ev.num_examples), metrics=dict(ev.metrics),
+            )
+        except TrainerError as exc:
+            raise TrainerError(f"{self.name}: {exc}") from exc
+        except ConclaveError:
+            raise
+        except Exception as exc:
+            raise TrainerError(
+                f"{self.name}: trainer.{task.kind.value} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def submit(self, result: Update | Evaluation) -> Verdict:
+        if isinstance(result, Update):
+            verdict = self._service.submit_update(result)
             self.stats.fits += 1
         else:
-            verdict = self._evaluate(task)
+            verdict = self._service.submit_evaluation(result)
             self.stats.evaluations += 1
         if not verdict.accepted:
             self.stats.rejected.append(verdict.reason)
-            logger.warning("%s: %s round %d rejected: %s", self.name, task.kind.value, task.round,
+            logger.warning("%s: round %d submission rejected: %s", self.name, result.round,
                            verdict.reason)
+        return verdict
 
-    def _fit(self, task: Task) -> Verdict:
-        started = time.perf_counter()
-        try:
-            self._trainer.set_weights(task.parameters)
-            result = self._trainer.fit(task.config)
-        except ConclaveError:
-            raise
-        except Exception as exc:
-            raise TrainerError(f"{self.name}: trainer.fit failed: {exc}") from exc
-        if not isinstance(result, FitResult) or not isinstance(result.parameters, Parameters):
-            raise TrainerError(f"{self.name}: trainer.fit must return a FitResult with Parameters")
-        return self._service.submit_update(Update(
-            run_id=task.run_id, round=task.round, participant=self.name,
-            num_examples=result.num_examples, parameters=result.parameters,
-            metrics=dict(result.metrics), train_seconds=time.perf_counter() - started,
-        ))
-
-    def _evaluate(self, task: Task) -> Verdict:
-        try:
-            self._trainer.set_weights(task.parameters)
-            result = self._trainer.evaluate(task.config)
-        except ConclaveError:
-            raise
-        except Exception as exc:
-            raise TrainerError(f"{self.name}: trainer.evaluate failed: {exc}") from exc
-        if not isinstance(result, EvaluateResult):
-            raise TrainerError(f"{self.name}: trainer.evaluate must return an EvaluateResult")
-        return self._service.submit_evaluation(Evaluation(
-            run_id=task.run_id, round=task.round, participant=self.name, loss=float(result.loss),
-            num_examples=int(result.num_examples), metrics=dict(result.metrics),
-        ))
+    def _perform(self, task: Task) -> None:
+        self.submit(self.prepare(task))
 
 
 def _telemetry() -> dict[str, float]:

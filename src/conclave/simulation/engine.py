@@ -8,6 +8,8 @@ progress) differ. Runs are deterministic: participants act in sorted order.
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,7 +17,7 @@ from conclave.coordinator.service import Coordinator, RoundTiming
 from conclave.core.ports import Ledger, Trainer, TrainerFactory
 from conclave.core.spec import RunSpec
 from conclave.core.parameters import Parameters
-from conclave.core.types import Config, EvaluateResult, FitResult, TrainerContext
+from conclave.core.types import Config, EvaluateResult, FitResult, Task, TrainerContext
 from conclave.participant.agent import ParticipantAgent
 from conclave.transport.memory import MemoryTransport
 
@@ -48,13 +50,16 @@ class Simulation:
         factory: TrainerFactory,
         participants: Sequence[str] | None = None,
         on_round: Callable[[RoundTiming], None] | None = None,
+        workers: int | None = None,
     ) -> None:
         self.spec = spec
+        self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
         self.clock = SimulatedClock()
         initial = factory(TrainerContext(participant=None, seed=spec.seed,
                                          options=dict(spec.task.options))).get_weights()
         self.coordinator = Coordinator(spec=spec, ledger=ledger, initial=initial,
-                                       clock=self.clock.now, on_round=on_round)
+                                       clock=self.clock.now, on_round=on_round,
+                                       detect_lost=False)
         transport = MemoryTransport(self.coordinator)
         names = tuple(participants) if participants is not None else spec.simulation.names()
         self.agents = [
@@ -62,27 +67,43 @@ class Simulation:
             for name in names
         ]
 
-    def run(self, *, max_steps: int = 10_000_000) -> SimulationResult:
+    def run(self, *, max_idle_advances: int = 1_000_000) -> SimulationResult:
+        """Run to the end. Trainers of one wave run in parallel threads (numpy and hashing
+        release the GIL); results are submitted in participant order, so the outcome does not
+        depend on thread timing. Memory holds at most one window of updates at a time."""
         for agent in self.agents:
             agent.join()
         self.coordinator.start()
-        steps = 0
-        while not self.coordinator.finished:
-            progressed = False
-            for agent in self.agents:
-                progressed |= agent.step(0.0)
-                steps += 1
-            if progressed:
-                continue
-            due = self.coordinator.next_deadline()
-            if due is None:
-                raise RuntimeError("simulation stalled: no participant can act and no deadline")
-            self.clock.advance_to(due)
-            self.coordinator.poll()
-            if steps > max_steps:
-                raise RuntimeError(f"simulation did not finish within {max_steps} steps")
+        idle = 0
+        with ThreadPoolExecutor(max_workers=self.workers,
+                                thread_name_prefix="conclave-sim") as pool:
+            while not self.coordinator.finished:
+                work = [(a, t) for a in self.agents if (t := a.fetch(0.0)) is not None]
+                if work:
+                    self._perform(pool, work)
+                    continue
+                due = self.coordinator.next_deadline()
+                if due is None:
+                    raise RuntimeError("simulation stalled: no participant can act and no deadline")
+                idle += 1
+                if idle > max_idle_advances:
+                    raise RuntimeError("simulation made no progress")
+                self.clock.advance_to(due)
+                self.coordinator.poll()
         return SimulationResult(summary=self.coordinator.summary(),
                                 run_id=self.coordinator.run_id)
+
+    def _perform(self, pool: ThreadPoolExecutor,
+                 work: list[tuple[ParticipantAgent, Task]]) -> None:
+        window = max(1, 4 * self.workers)
+        for start in range(0, len(work), window):
+            batch = work[start:start + window]
+            if self.workers == 1:
+                results = [agent.prepare(task) for agent, task in batch]
+            else:
+                results = list(pool.map(lambda at: at[0].prepare(at[1]), batch))
+            for (agent, _), result in zip(batch, results, strict=True):
+                agent.submit(result)
 
 
 class _LazyTrainer:

@@ -180,11 +180,14 @@ def test_abandoned_upload_never_reaches_the_service(server, client, fake, params
     else:
         channel.close()
     gate.set()
+    # gRPC reports a cancelled stream either as an error or (racing the cancellation
+    # notice) as an early end of stream; both must end the upload without the service.
+    outcomes = ("SubmitUpdate abandoned by the participant", "payload ended after 256 of")
     deadline = time.monotonic() + 10
-    while "abandoned" not in caplog.text and time.monotonic() < deadline:
+    while not any(o in caplog.text for o in outcomes) and time.monotonic() < deadline:
         time.sleep(0.02)
     channel.close()
-    assert "SubmitUpdate abandoned by the participant" in caplog.text
+    assert any(o in caplog.text for o in outcomes), caplog.text
     assert_serving(client, fake)
     assert "submit_update" not in fake.names()
 

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conclave.core.errors import ConfigError, InvalidUpdate
+from conclave.core.secagg import FixedPointCodec
+
+
+def test_round_trip_within_half_a_step_and_clipping() -> None:
+    codec = FixedPointCodec(clip=2.0, bits=32, max_summands=100)
+    assert codec.headroom_bits == 7
+    assert codec.levels == 2**25 - 1
+    x = np.linspace(-2.0, 2.0, 1001)
+    assert np.max(np.abs(codec.decode(codec.encode(x)) - x)) <= codec.step / 2 * (1 + 1e-9)
+    out = codec.decode(codec.encode(np.array([-5.0, 5.0])))
+    np.testing.assert_allclose(out, [-2.0, 2.0], atol=1e-12)
+
+
+def test_sum_of_max_summands_extremes_does_not_wrap() -> None:
+    codec = FixedPointCodec(clip=1.0, bits=32, max_summands=1000)
+    total = np.zeros(3, dtype=np.uint32)
+    for _ in range(1000):
+        total += codec.encode(np.array([1.0, -1.0, 0.25]))
+    np.testing.assert_allclose(codec.decode_sum(total, 1000), [1000.0, -1000.0, 250.0], atol=1000 * codec.step)
+
+
+def test_uint64_ring() -> None:
+    codec = FixedPointCodec(clip=1.0, bits=64, max_summands=10)
+    enc = codec.encode(np.array([0.5, -0.3]))
+    assert enc.dtype == np.uint64
+    assert codec.level_bits == 52
+    np.testing.assert_allclose(codec.decode(enc), [0.5, -0.3], atol=codec.step)
+
+
+def test_weighted_mean() -> None:
+    codec = FixedPointCodec(clip=1.0, bits=32, max_summands=3)
+    updates = [np.array([0.5, -0.5]), np.array([-0.25, 1.0]), np.array([0.0, 0.0])]
+    weights = [10.0, 30.0, 0.0]
+    total = np.zeros(3, dtype=np.uint32)
+    for u, w in zip(updates, weights, strict=True):
+        total += codec.encode_weighted(u, w, max_weight=100.0)
+    expected = (10 * updates[0] + 30 * updates[1]) / 40
+    np.testing.assert_allclose(codec.decode_weighted_mean(total, 3), expected, atol=1e-5)
+    zero = codec.encode_weighted(updates[0], 0.0, max_weight=100.0)
+    with pytest.raises(InvalidUpdate, match="summed weight is zero"):
+        codec.decode_weighted_mean(zero, 1)
+
+
+def test_rejects_bad_input_and_config() -> None:
+    codec = FixedPointCodec(clip=1.0)
+    with pytest.raises(InvalidUpdate):
+        codec.encode(np.array([np.nan]))
+    with pytest.raises(InvalidUpdate):
+        codec.encode_weighted(np.array([0.1]), 5.0, max_weight=1.0)
+    with pytest.raises(ConfigError, match="clip"):
+        FixedPointCodec(clip=0.0)
+    with pytest.raises(ConfigError, match="bits"):
+        FixedPointCodec(clip=1.0, bits=16)
+    with pytest.raises(ConfigError, match="max_summands"):
+        FixedPointCodec(clip=1.0, bits=32, max_summands=2**31)
+    with pytest.raises(ConfigError, match="count"):
+        codec.decode_sum(np.zeros(1, dtype=np.uint32), 2)
