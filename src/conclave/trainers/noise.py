@@ -31,11 +31,13 @@ class NoiseTrainer:
         self._weights = parameters
 
     def fit(self, config: Config) -> FitResult:
-        seed = config.get("seed", self._seed)
-        rng = np.random.default_rng(int(seed))
-        out = rng.standard_normal(self._layout.size, dtype=np.float32)
-        out *= self._sigma
-        out += self._weights.flat
+        if self._sigma == 0:
+            out = self._weights.flat.copy()
+        else:
+            rng = np.random.default_rng(int(config.get("seed", self._seed)))
+            out = rng.standard_normal(self._layout.size, dtype=np.float32)
+            out *= self._sigma
+            out += self._weights.flat
         return FitResult(parameters=Parameters(self._layout, out), num_examples=self._examples,
                          metrics={"train_loss": 0.0})
 

@@ -4,7 +4,9 @@ Used by simulations and tests. It behaves like a wire in the one way that matter
 correctness: nothing mutable is shared across it. Parameters are copied once (one flat
 buffer copy, no serialisation) and mappings are copied, so a participant that mutates the
 arrays or the config it received, or the update it sent, cannot touch the coordinator's state
-(and the other way round). Errors the service raises reach the caller unchanged.
+(and the other way round). ``Update.digest`` passes through as the sender computed it (no
+re-hashing: both sides share one process and trust each other). Errors the service raises
+reach the caller unchanged.
 """
 
 from __future__ import annotations

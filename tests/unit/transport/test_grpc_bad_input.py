@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -123,7 +124,8 @@ def test_untampered_raw_upload_is_accepted(server, fake, params: Parameters):
             iter(upload_messages(params)), timeout=10
         )
     assert verdict.accepted
-    assert fake.last("submit_update") == make_update(params)
+    received = fake.last("submit_update")
+    assert received == dataclasses.replace(make_update(params), digest=params.digest())
 
 
 def test_oversized_layout_is_refused_before_allocating(server, client, fake, params):

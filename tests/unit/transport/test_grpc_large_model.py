@@ -39,5 +39,6 @@ def test_fifty_megabyte_model_round_trip(fake):
     assert isinstance(received, Update)
     assert received.parameters.layout == layout
     assert received.parameters.digest() == trained_digest
+    assert received.digest == trained_digest
     assert np.array_equal(received.parameters.flat, task.parameters.flat)
     assert not np.array_equal(received.parameters.flat, model.flat)

@@ -101,10 +101,28 @@ def test_submit_update(client: GrpcCoordinatorClient, fake, params: Parameters):
     received = fake.last("submit_update")
     assert isinstance(received, Update)
     assert received.parameters.digest() == params.digest()
+    assert received.digest == params.digest()  # verified by the server, not recomputed
     assert received.parameters == params
     assert (received.run_id, received.round, received.participant) == ("run-7", 3, "hospital-0")
     assert (received.num_examples, received.train_seconds) == (640, 4.5)
     assert dict(received.metrics) == {"loss": 0.125, "accuracy": 0.875}
+
+
+def test_sender_digest_is_used_and_checked(client: GrpcCoordinatorClient, fake, params):
+    update = Update(
+        run_id="run-7", round=3, participant="p0", num_examples=1, parameters=params,
+        digest=params.digest(),
+    )
+    assert client.submit_update(update).accepted
+    assert fake.last("submit_update") == update
+
+    stale = Update(
+        run_id="run-7", round=3, participant="p0", num_examples=1, parameters=params,
+        digest=Parameters.zeros(params.layout).digest(),
+    )
+    with pytest.raises(InvalidUpdate, match="does not match its digest"):
+        client.submit_update(stale)
+    assert fake.names() == ["submit_update"]
 
 
 def test_submit_evaluation(client: GrpcCoordinatorClient, fake):

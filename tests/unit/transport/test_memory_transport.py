@@ -51,7 +51,7 @@ def test_submit_update_hands_over_a_copy(fake, params: Parameters):
     metrics = {"loss": 0.25}
     update = Update(
         run_id="run-7", round=4, participant="p0", num_examples=32, parameters=params,
-        metrics=metrics, train_seconds=1.25,
+        metrics=metrics, train_seconds=1.25, digest=params.digest(),
     )
     expected = params.copy()
 
@@ -66,6 +66,7 @@ def test_submit_update_hands_over_a_copy(fake, params: Parameters):
     assert not np.shares_memory(received.parameters.flat, params.flat)
     assert (received.run_id, received.round, received.participant) == ("run-7", 4, "p0")
     assert (received.num_examples, received.train_seconds) == (32, 1.25)
+    assert received.digest == expected.digest()
 
 
 def test_other_calls_and_errors_pass_through(fake):

@@ -285,7 +285,7 @@ class SecAggCoordinator:
             for u in sorted(cfg.graph[owner] & u3):
                 shared = keys.agree(s_private, self._adverts[u].s_public)
                 mask = prg.expand(keys.pairwise_seed(shared, cfg.context), cfg.vector_length, cfg.dtype)
-                if u > owner:
+                if u < owner:
                     total -= mask
                 else:
                     total += mask

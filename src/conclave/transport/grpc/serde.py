@@ -327,7 +327,8 @@ def update_messages(
         num_examples=update.num_examples,
         metrics={key: float(value) for key, value in update.metrics.items()},
         layout=layout_to_proto(parameters.layout),
-        digest=parameters.digest(),
+        # The sender's digest when it has one; the server checks it against the bytes.
+        digest=update.digest or parameters.digest(),
         total_bytes=parameters.layout.nbytes,
         train_seconds=update.train_seconds,
     )
@@ -346,7 +347,8 @@ def update_from_messages(messages: Iterator[pb.UpdateMessage], *, max_bytes: int
     """Read a SubmitUpdate stream into an ``Update`` (server side).
 
     The header is checked (version, layout, size limit) before any buffer is allocated; the
-    buffer is exactly the layout's size and the digest must match before this returns.
+    buffer is exactly the layout's size and the digest must match before this returns, so
+    the returned ``Update.digest`` is verified and the coordinator need not recompute it.
     """
     first = next(messages, None)
     if first is None or first.WhichOneof("part") != "header":
@@ -370,4 +372,5 @@ def update_from_messages(messages: Iterator[pb.UpdateMessage], *, max_bytes: int
         parameters=parameters,
         metrics=dict(header.metrics),
         train_seconds=header.train_seconds,
+        digest=header.digest,  # verified by the assembler
     )
