@@ -45,8 +45,14 @@ def rounds(draw: st.DrawFn) -> tuple[SecAggConfig, dict[Stage, frozenset[str]], 
     bits = draw(st.sampled_from([32, 64]))
     seed = draw(st.integers(0, 2**32))
     cfg = SecAggConfig.create(
-        run_id="prop", round=seed % 100, participants=ids, graph_seed=_Random(seed)(32),
-        vector_length=draw(st.integers(1, 40)), bits=bits, neighbours=k, threshold=t,
+        run_id="prop",
+        round=seed % 100,
+        participants=ids,
+        graph_seed=_Random(seed)(32),
+        vector_length=draw(st.integers(1, 40)),
+        bits=bits,
+        neighbours=k,
+        threshold=t,
     )
     # at most k - t dropouts in total: every participant keeps >= t live neighbours throughout
     gone = draw(st.lists(st.sampled_from(ids), unique=True, max_size=k - t))
@@ -57,11 +63,21 @@ def rounds(draw: st.DrawFn) -> tuple[SecAggConfig, dict[Stage, frozenset[str]], 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rounds())
-def test_unmasked_aggregate_is_the_exact_sum_of_survivors(case: tuple[SecAggConfig, dict[Stage, frozenset[str]], int]) -> None:
+def test_unmasked_aggregate_is_the_exact_sum_of_survivors(
+    case: tuple[SecAggConfig, dict[Stage, frozenset[str]], int],
+) -> None:
     cfg, drops, seed = case
     rng = np.random.default_rng(seed)
-    inputs = {p: rng.integers(0, np.iinfo(cfg.dtype).max, cfg.vector_length, dtype=cfg.dtype, endpoint=True) for p in cfg.participants}
-    ident = {p: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(p.encode()).digest()) for p in cfg.participants}
+    inputs = {
+        p: rng.integers(
+            0, np.iinfo(cfg.dtype).max, cfg.vector_length, dtype=cfg.dtype, endpoint=True
+        )
+        for p in cfg.participants
+    }
+    ident = {
+        p: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(p.encode()).digest())
+        for p in cfg.participants
+    }
     requests: list[UnmaskRequest] = []
 
     def watch(stage: Stage, pid: str, msg: object) -> object:
@@ -71,8 +87,15 @@ def test_unmasked_aggregate_is_the_exact_sum_of_survivors(case: tuple[SecAggConf
             assert not np.array_equal(msg.vector, inputs[pid])  # the coordinator never sees x
         return msg
 
-    out = run_local_round(cfg, inputs, ident, dropouts=drops, intercept=watch, random_bytes=_Random(seed))
-    expected_survivors = frozenset(cfg.participants) - drops[Stage.ADVERTISE] - drops[Stage.SHARE] - drops[Stage.MASKED_INPUT]
+    out = run_local_round(
+        cfg, inputs, ident, dropouts=drops, intercept=watch, random_bytes=_Random(seed)
+    )
+    expected_survivors = (
+        frozenset(cfg.participants)
+        - drops[Stage.ADVERTISE]
+        - drops[Stage.SHARE]
+        - drops[Stage.MASKED_INPUT]
+    )
     assert out.aggregate.survivors == expected_survivors
     expected = np.zeros(cfg.vector_length, dtype=cfg.dtype)
     for p in expected_survivors:
@@ -82,7 +105,9 @@ def test_unmasked_aggregate_is_the_exact_sum_of_survivors(case: tuple[SecAggConf
     assert not out.participant_errors
     kinds = out.coordinator.revealed_share_kinds
     assert all(kinds[p] is ShareKind.SELF_MASK for p in expected_survivors)
-    assert all(kinds.get(p, ShareKind.MASK_KEY) is ShareKind.MASK_KEY for p in drops[Stage.MASKED_INPUT])
+    assert all(
+        kinds.get(p, ShareKind.MASK_KEY) is ShareKind.MASK_KEY for p in drops[Stage.MASKED_INPUT]
+    )
     for request in requests:
         assert not set(request.survivors) & set(request.dropped)
 
@@ -90,10 +115,19 @@ def test_unmasked_aggregate_is_the_exact_sum_of_survivors(case: tuple[SecAggConf
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(4, 12), seed=st.integers(0, 1000))
 def test_below_threshold_survivors_fail_closed(n: int, seed: int) -> None:
-    cfg = SecAggConfig.create(run_id="r", round=0, participants=[f"u{i}" for i in range(n)], graph_seed=_Random(seed)(32), vector_length=3)
+    cfg = SecAggConfig.create(
+        run_id="r",
+        round=0,
+        participants=[f"u{i}" for i in range(n)],
+        graph_seed=_Random(seed)(32),
+        vector_length=3,
+    )
     survivors = cfg.threshold - 1
     drops = {Stage.MASKED_INPUT: frozenset(cfg.participants[survivors:])}
-    ident = {p: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(p.encode()).digest()) for p in cfg.participants}
+    ident = {
+        p: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(p.encode()).digest())
+        for p in cfg.participants
+    }
     inputs = {p: np.ones(3, dtype=np.uint32) for p in cfg.participants}
     with pytest.raises(QuorumNotReached):
         run_local_round(cfg, inputs, ident, dropouts=drops, random_bytes=_Random(seed))
@@ -105,14 +139,19 @@ def test_below_threshold_survivors_fail_closed(n: int, seed: int) -> None:
     n=st.integers(1, 40),
     data=st.data(),
 )
-def test_shamir_any_t_shares_reconstruct_and_t_minus_1_do_not(secret: bytes, n: int, data: st.DataObject) -> None:
+def test_shamir_any_t_shares_reconstruct_and_t_minus_1_do_not(
+    secret: bytes, n: int, data: st.DataObject
+) -> None:
     t = data.draw(st.integers(1, n))
     xs = data.draw(st.lists(st.integers(1, 5000), min_size=n, max_size=n, unique=True))
     (shares,) = shamir.share_secrets([secret], threshold=t, xs=xs, random_bytes=_Random(n))
     subset = data.draw(st.permutations(shares)).copy()[:t]
     assert shamir.reconstruct_secret(subset, threshold=t, secret_len=len(secret)) == secret
     if t > 1 and len(secret) >= 8:  # with fewer shares interpolation lands elsewhere
-        assert shamir.reconstruct_secret(subset[:-1], threshold=t - 1, secret_len=len(secret)) != secret
+        assert (
+            shamir.reconstruct_secret(subset[:-1], threshold=t - 1, secret_len=len(secret))
+            != secret
+        )
 
 
 @settings(max_examples=60, deadline=None)
@@ -122,7 +161,9 @@ def test_shamir_any_t_shares_reconstruct_and_t_minus_1_do_not(secret: bytes, n: 
     bits=st.sampled_from([32, 64]),
     summands=st.integers(1, 10_000),
 )
-def test_fixed_point_error_is_at_most_half_a_step(values: list[float], clip: float, bits: int, summands: int) -> None:
+def test_fixed_point_error_is_at_most_half_a_step(
+    values: list[float], clip: float, bits: int, summands: int
+) -> None:
     codec = FixedPointCodec(clip=clip, bits=bits, max_summands=summands)
     x = np.array(values)
     clipped = np.clip(x, -clip, clip)
@@ -145,7 +186,9 @@ def test_prg_is_deterministic_and_prefix_consistent(seed: bytes, length: int) ->
     dropped=st.lists(st.text(min_size=1, max_size=8), max_size=10),
     words=st.lists(st.integers(0, 2**64 - 1), max_size=20),
 )
-def test_message_codec_round_trips(run_id: str, survivors: list[str], dropped: list[str], words: list[int]) -> None:
+def test_message_codec_round_trips(
+    run_id: str, survivors: list[str], dropped: list[str], words: list[int]
+) -> None:
     req = UnmaskRequest(run_id=run_id, round=5, survivors=tuple(survivors), dropped=tuple(dropped))
     assert UnmaskRequest.from_bytes(req.to_bytes()) == req
     vec = np.array(words, dtype=np.uint64)

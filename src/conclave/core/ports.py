@@ -33,7 +33,13 @@ from conclave.core.types import (
 
 @runtime_checkable
 class Trainer(Protocol):
-    """User code that trains and evaluates a model on local data."""
+    """User code that trains and evaluates a model on local data.
+
+    ``set_weights`` receives parameters that may be shared and read-only (the in-memory
+    transport hands every virtual participant one view of the global model): copy them into
+    your model, never write into them. ``fit`` returns parameters the trainer will not write
+    to again (a fresh buffer, or one it replaces on the next ``set_weights``).
+    """
 
     def get_weights(self) -> Parameters: ...
 

@@ -87,6 +87,8 @@ class Task:
     config: Config
     parameters: Parameters
     deadline_s: float
+    digest: str = ""
+    """``parameters.digest()`` when the coordinator already knows it (saves re-hashing)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,9 +1,11 @@
 """In-process transport: participants call the coordinator's service directly.
 
 Used by simulations and tests. It behaves like a wire in the one way that matters for
-correctness: nothing mutable is shared across it. Parameters are copied once (one flat
-buffer copy, no serialisation) and mappings are copied, so a participant that mutates the
-arrays or the config it received, or the update it sent, cannot touch the coordinator's state
+correctness: nothing mutable is shared across it. The global model goes to every participant
+as one shared read-only view (zero-copy: 1,000 virtual participants do not hold 1,000 copies;
+a trainer that wants to write must copy, as it must anyway on any transport); an update is
+copied once (one flat buffer copy, no serialisation); mappings are copied. So a participant
+that mutates what it received, or the update it sent, cannot touch the coordinator's state
 (and the other way round). ``Update.digest`` passes through as the sender computed it (no
 re-hashing: both sides share one process and trust each other). Errors the service raises
 reach the caller unchanged.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from conclave.core.parameters import Parameters
 from conclave.core.ports import CoordinatorService
 from conclave.core.types import (
     Evaluation,
@@ -49,7 +52,7 @@ class MemoryTransport:
         if task is None:
             return assignment
         task = dataclasses.replace(
-            task, config=dict(task.config), parameters=task.parameters.copy()
+            task, config=dict(task.config), parameters=_read_only(task.parameters)
         )
         return dataclasses.replace(assignment, task=task)
 
@@ -62,3 +65,9 @@ class MemoryTransport:
     def submit_evaluation(self, evaluation: Evaluation) -> Verdict:
         evaluation = dataclasses.replace(evaluation, metrics=dict(evaluation.metrics))
         return self._service.submit_evaluation(evaluation)
+
+
+def _read_only(parameters: Parameters) -> Parameters:
+    view = parameters.flat.view()
+    view.flags.writeable = False
+    return Parameters(parameters.layout, view)

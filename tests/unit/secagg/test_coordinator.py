@@ -10,7 +10,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from secagg_helpers import DeterministicRandom, config, identities, plain_sum, random_inputs
 
-from conclave.core.errors import ConfigError, LocalProtocolError, QuorumNotReached, RemoteProtocolError
+from conclave.core.errors import (
+    ConfigError,
+    LocalProtocolError,
+    QuorumNotReached,
+    RemoteProtocolError,
+)
 from conclave.core.secagg import (
     AdvertiseKeys,
     MaskedInput,
@@ -29,23 +34,37 @@ from conclave.core.secagg.local import LocalRoundOutcome
 VICTIM = "p004"
 
 
-def _run(cfg: SecAggConfig, tamper: Callable[[Stage, str, object], object] | None = None, **kw: object) -> tuple[LocalRoundOutcome, dict[str, np.ndarray]]:
+def _run(
+    cfg: SecAggConfig, tamper: Callable[[Stage, str, object], object] | None = None, **kw: object
+) -> tuple[LocalRoundOutcome, dict[str, np.ndarray]]:
     inputs = random_inputs(cfg, seed=cfg.vector_length)
-    out = run_local_round(cfg, inputs, identities(cfg.participants), intercept=tamper, random_bytes=DeterministicRandom(9), **kw)  # type: ignore[arg-type]
+    out = run_local_round(
+        cfg,
+        inputs,
+        identities(cfg.participants),
+        intercept=tamper,
+        random_bytes=DeterministicRandom(9),
+        **kw,
+    )  # type: ignore[arg-type]
     assert np.array_equal(out.aggregate.vector, plain_sum(cfg, inputs, out.aggregate.survivors))
     return out, inputs
 
 
-def _from_victim(kind: type, change: Callable[[object], object]) -> Callable[[Stage, str, object], object]:
+def _from_victim(
+    kind: type, change: Callable[[object], object]
+) -> Callable[[Stage, str, object], object]:
     def tamper(stage: Stage, pid: str, msg: object) -> object:
         return change(msg) if pid == VICTIM and isinstance(msg, kind) else msg
+
     return tamper
 
 
 def _forged_advert(msg: object) -> object:
     assert isinstance(msg, AdvertiseKeys)
     impostor = Ed25519PrivateKey.from_private_bytes(b"\x01" * 32)
-    payload = keys.advert_payload(msg.run_id, msg.round, msg.participant, msg.c_public, msg.s_public)
+    payload = keys.advert_payload(
+        msg.run_id, msg.round, msg.participant, msg.c_public, msg.s_public
+    )
     return dataclasses.replace(msg, signature=impostor.sign(payload))
 
 
@@ -54,10 +73,19 @@ def _share_change(how: str) -> Callable[[object], object]:
         assert isinstance(msg, ShareKeys)
         first = msg.shares[0]
         if how == "sender":
-            return dataclasses.replace(msg, shares=(dataclasses.replace(first, sender="p000"), *msg.shares[1:]))
+            return dataclasses.replace(
+                msg, shares=(dataclasses.replace(first, sender="p000"), *msg.shares[1:])
+            )
         if how == "missing":
             return dataclasses.replace(msg, shares=msg.shares[1:])
-        return dataclasses.replace(msg, shares=(dataclasses.replace(first, ciphertext=first.ciphertext + b"!"), *msg.shares[1:]))
+        return dataclasses.replace(
+            msg,
+            shares=(
+                dataclasses.replace(first, ciphertext=first.ciphertext + b"!"),
+                *msg.shares[1:],
+            ),
+        )
+
     return change
 
 
@@ -71,9 +99,18 @@ def _share_change(how: str) -> Callable[[object], object]:
         (MaskedInput, lambda m: dataclasses.replace(m, data=m.data[:-4]), Stage.MASKED_INPUT),  # type: ignore[attr-defined]
         (MaskedInput, lambda m: dataclasses.replace(m, bits=64), Stage.MASKED_INPUT),
     ],
-    ids=["forged-advert", "share-sender", "share-missing", "share-length", "short-vector", "wrong-bits"],
+    ids=[
+        "forged-advert",
+        "share-sender",
+        "share-missing",
+        "share-length",
+        "short-vector",
+        "wrong-bits",
+    ],
 )
-def test_offender_is_rejected_dropped_and_the_sum_stays_exact(kind: type, change: Callable[[object], object], stage: Stage) -> None:
+def test_offender_is_rejected_dropped_and_the_sum_stays_exact(
+    kind: type, change: Callable[[object], object], stage: Stage
+) -> None:
     cfg = config(9, vector_length=24)
     out, _ = _run(cfg, _from_victim(kind, change))
     coord = out.coordinator
@@ -90,7 +127,9 @@ def test_unmask_response_asking_for_the_other_share_kind_is_rejected() -> None:
 
     def change(msg: object) -> object:
         assert isinstance(msg, UnmaskResponse)
-        extra = RevealedShare(owner=msg.self_mask_shares[0].owner, data=msg.self_mask_shares[0].data)
+        extra = RevealedShare(
+            owner=msg.self_mask_shares[0].owner, data=msg.self_mask_shares[0].data
+        )
         return dataclasses.replace(msg, mask_key_shares=(*msg.mask_key_shares, extra))
 
     out, _ = _run(cfg, _from_victim(UnmaskResponse, change), dropouts=dropped)
@@ -104,14 +143,20 @@ def test_unmask_response_asking_for_the_other_share_kind_is_rejected() -> None:
 
 def test_ledger_views_with_dropouts_at_every_stage() -> None:
     cfg = config(12, neighbours=10, threshold=6)
-    drops = {Stage.ADVERTISE: frozenset({"p001"}), Stage.SHARE: frozenset({"p002"}),
-             Stage.MASKED_INPUT: frozenset({"p003"}), Stage.UNMASK: frozenset({"p005"})}
+    drops = {
+        Stage.ADVERTISE: frozenset({"p001"}),
+        Stage.SHARE: frozenset({"p002"}),
+        Stage.MASKED_INPUT: frozenset({"p003"}),
+        Stage.UNMASK: frozenset({"p005"}),
+    }
     out, _ = _run(cfg, dropouts=drops)
     done = out.coordinator.stage_completions
     everyone = frozenset(cfg.participants)
     assert done[Stage.ADVERTISE] == everyone - {"p001"}
     assert done[Stage.SHARE] == everyone - {"p001", "p002"}
-    assert done[Stage.MASKED_INPUT] == out.aggregate.survivors == everyone - {"p001", "p002", "p003"}
+    assert (
+        done[Stage.MASKED_INPUT] == out.aggregate.survivors == everyone - {"p001", "p002", "p003"}
+    )
     assert done[Stage.UNMASK] == everyone - {"p001", "p002", "p003", "p005"}
     assert out.coordinator.dropped == {"p001", "p002", "p003"}
     assert out.coordinator.stage is Stage.DONE
@@ -120,10 +165,17 @@ def test_ledger_views_with_dropouts_at_every_stage() -> None:
 def test_replayed_and_stale_messages_raise_without_rejecting() -> None:
     cfg = config(4)
     ident = identities(cfg.participants)
-    coord = SecAggCoordinator(config=cfg, identity_keys={p: k.public_key() for p, k in ident.items()})
+    coord = SecAggCoordinator(
+        config=cfg, identity_keys={p: k.public_key() for p, k in ident.items()}
+    )
     from conclave.core.secagg import SecAggParticipant
 
-    p = SecAggParticipant(config=cfg, participant_id="p000", identity_key=ident["p000"], identity_keys={q: k.public_key() for q, k in ident.items()})
+    p = SecAggParticipant(
+        config=cfg,
+        participant_id="p000",
+        identity_key=ident["p000"],
+        identity_keys={q: k.public_key() for q, k in ident.items()},
+    )
     advert = p.advertise()
     coord.receive_advert(advert)
     with pytest.raises(RemoteProtocolError, match="replay"):
@@ -134,7 +186,9 @@ def test_replayed_and_stale_messages_raise_without_rejecting() -> None:
         coord.receive_advert(dataclasses.replace(advert, participant="mallory"))
     assert coord.rejected == {}
     with pytest.raises(RemoteProtocolError, match="arrived in ADVERTISE"):
-        coord.receive_masked_input(MaskedInput(run_id="run-1", round=3, participant="p000", bits=32, data=b""))
+        coord.receive_masked_input(
+            MaskedInput(run_id="run-1", round=3, participant="p000", bits=32, data=b"")
+        )
     with pytest.raises(LocalProtocolError):
         coord.finish()
     assert coord.stage is Stage.ERROR
@@ -170,7 +224,12 @@ def test_fails_closed_when_too_few_unmask_responses() -> None:
 def test_fails_closed_when_too_few_advertise() -> None:
     cfg = config(6)
     with pytest.raises(QuorumNotReached, match="ADVERTISE"):
-        run_local_round(cfg, random_inputs(cfg), identities(cfg.participants), dropouts={Stage.ADVERTISE: frozenset(cfg.participants[:3])})
+        run_local_round(
+            cfg,
+            random_inputs(cfg),
+            identities(cfg.participants),
+            dropouts={Stage.ADVERTISE: frozenset(cfg.participants[:3])},
+        )
 
 
 def test_missing_identity_key_is_a_config_error() -> None:
@@ -195,7 +254,13 @@ def test_masked_vectors_look_uniform() -> None:
             seen.append(msg.vector.copy())
         return msg
 
-    out = run_local_round(cfg, zeros, identities(cfg.participants), intercept=capture, random_bytes=DeterministicRandom(3))
+    out = run_local_round(
+        cfg,
+        zeros,
+        identities(cfg.participants),
+        intercept=capture,
+        random_bytes=DeterministicRandom(3),
+    )
     assert len(seen) == 6 and not out.aggregate.vector.any()
     limit = 400.0  # 255 degrees of freedom: mean 255, sd 22.6; 400 is p < 1e-12 for uniform bytes
     assert _chi_square_bytes(zeros["p000"]) > limit  # the test can tell an unmasked vector

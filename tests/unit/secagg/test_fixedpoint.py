@@ -22,7 +22,9 @@ def test_sum_of_max_summands_extremes_does_not_wrap() -> None:
     total = np.zeros(3, dtype=np.uint32)
     for _ in range(1000):
         total += codec.encode(np.array([1.0, -1.0, 0.25]))
-    np.testing.assert_allclose(codec.decode_sum(total, 1000), [1000.0, -1000.0, 250.0], atol=1000 * codec.step)
+    np.testing.assert_allclose(
+        codec.decode_sum(total, 1000), [1000.0, -1000.0, 250.0], atol=1000 * codec.step
+    )
 
 
 def test_uint64_ring() -> None:

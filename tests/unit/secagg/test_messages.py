@@ -16,17 +16,28 @@ from conclave.core.secagg import (
     UnmaskResponse,
 )
 
-ADVERT = AdvertiseKeys(run_id="r", round=7, participant="ä", c_public=b"c" * 32, s_public=b"s" * 32, signature=b"g" * 64)
+ADVERT = AdvertiseKeys(
+    run_id="r",
+    round=7,
+    participant="ä",
+    c_public=b"c" * 32,
+    s_public=b"s" * 32,
+    signature=b"g" * 64,
+)
 SHARE = EncryptedShare(sender="a", recipient="b", ciphertext=b"\x00\x01" * 30)
 MESSAGES = [
     ADVERT,
     KeyBundle(run_id="r", round=7, recipient="b", adverts=(ADVERT, ADVERT)),
     ShareKeys(run_id="r", round=7, participant="a", shares=(SHARE,)),
     ShareBundle(run_id="r", round=7, recipient="b", shares=()),
-    MaskedInput.from_vector(run_id="r", round=7, participant="a", vector=np.arange(5, dtype=np.uint32)),
+    MaskedInput.from_vector(
+        run_id="r", round=7, participant="a", vector=np.arange(5, dtype=np.uint32)
+    ),
     UnmaskRequest(run_id="r", round=7, survivors=("a", "b"), dropped=("c",)),
     UnmaskResponse(
-        run_id="r", round=7, participant="a",
+        run_id="r",
+        round=7,
+        participant="a",
         self_mask_shares=(RevealedShare(owner="b", data=b"x" * 36),),
         mask_key_shares=(RevealedShare(owner="c", data=b"y" * 36),),
     ),

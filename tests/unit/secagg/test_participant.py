@@ -26,7 +26,10 @@ def _round(cfg: SecAggConfig) -> tuple[dict[str, SecAggParticipant], SecAggCoord
     public = {pid: key.public_key() for pid, key in ident.items()}
     parts = {
         pid: SecAggParticipant(
-            config=cfg, participant_id=pid, identity_key=ident[pid], identity_keys=public,
+            config=cfg,
+            participant_id=pid,
+            identity_key=ident[pid],
+            identity_keys=public,
             random_bytes=DeterministicRandom(pid.encode()),
         )
         for pid in cfg.participants
@@ -34,7 +37,9 @@ def _round(cfg: SecAggConfig) -> tuple[dict[str, SecAggParticipant], SecAggCoord
     return parts, SecAggCoordinator(config=cfg, identity_keys=public)
 
 
-def _to_masked_stage(cfg: SecAggConfig) -> tuple[dict[str, SecAggParticipant], SecAggCoordinator, dict[str, ShareBundle]]:
+def _to_masked_stage(
+    cfg: SecAggConfig,
+) -> tuple[dict[str, SecAggParticipant], SecAggCoordinator, dict[str, ShareBundle]]:
     parts, coord = _round(cfg)
     for p in parts.values():
         coord.receive_advert(p.advertise())
@@ -58,7 +63,10 @@ def test_stages_advance_and_replays_are_refused() -> None:
         p.receive_keys(bundles["p000"])
     assert p.stage is Stage.ERROR
     with pytest.raises(LocalProtocolError, match="ERROR"):
-        p.masked_input(np.zeros(cfg.vector_length, dtype=np.uint32), ShareBundle(run_id="run-1", round=3, recipient="p000", shares=()))
+        p.masked_input(
+            np.zeros(cfg.vector_length, dtype=np.uint32),
+            ShareBundle(run_id="run-1", round=3, recipient="p000", shares=()),
+        )
     with pytest.raises(LocalProtocolError):
         parts["p001"].advertise()
 
@@ -69,9 +77,13 @@ def test_bad_neighbour_signature_is_refused() -> None:
     for q in parts.values():
         coord.receive_advert(q.advertise())
     bundle = coord.close_advertise()["p000"]
-    forged = dataclasses.replace(bundle.adverts[0], s_public=b"\x09" * 32)  # keys swapped in transit
+    forged = dataclasses.replace(
+        bundle.adverts[0], s_public=b"\x09" * 32
+    )  # keys swapped in transit
     with pytest.raises(RemoteProtocolError, match="signature"):
-        parts["p000"].receive_keys(dataclasses.replace(bundle, adverts=(forged, *bundle.adverts[1:])))
+        parts["p000"].receive_keys(
+            dataclasses.replace(bundle, adverts=(forged, *bundle.adverts[1:]))
+        )
     assert parts["p000"].stage is Stage.ERROR
 
 
@@ -88,7 +100,9 @@ def test_wrong_recipient_tampering_and_wrong_round_are_refused() -> None:
     )
     bad = dataclasses.replace(share, ciphertext=flipped)
     with pytest.raises(RemoteProtocolError, match="authentication"):
-        parts["p002"].masked_input(x, dataclasses.replace(bundles["p002"], shares=(bad, *bundles["p002"].shares[1:])))
+        parts["p002"].masked_input(
+            x, dataclasses.replace(bundles["p002"], shares=(bad, *bundles["p002"].shares[1:]))
+        )
     with pytest.raises(RemoteProtocolError, match="round 4"):
         parts["p003"].masked_input(x, dataclasses.replace(bundles["p003"], round=4))
     with pytest.raises(LocalProtocolError, match="encoded input"):
@@ -100,13 +114,17 @@ def test_refuses_to_reveal_both_shares_of_one_participant() -> None:
     cfg = config(5)
     parts, coord, bundles = _to_masked_stage(cfg)
     for pid, bundle in bundles.items():
-        coord.receive_masked_input(parts[pid].masked_input(np.zeros(cfg.vector_length, dtype=np.uint32), bundle))
+        coord.receive_masked_input(
+            parts[pid].masked_input(np.zeros(cfg.vector_length, dtype=np.uint32), bundle)
+        )
     request = coord.close_masked_input()
     greedy = UnmaskRequest(run_id="run-1", round=3, survivors=request.survivors, dropped=("p001",))
     with pytest.raises(RemoteProtocolError, match="both shares"):
         parts["p000"].unmask(greedy)
     assert parts["p000"].stage is Stage.ERROR
-    not_me = dataclasses.replace(request, survivors=tuple(s for s in request.survivors if s != "p001"))
+    not_me = dataclasses.replace(
+        request, survivors=tuple(s for s in request.survivors if s != "p001")
+    )
     with pytest.raises(RemoteProtocolError, match="survivor"):
         parts["p001"].unmask(not_me)
     response = parts["p002"].unmask(request)
@@ -119,9 +137,17 @@ def test_refuses_to_reveal_both_shares_of_one_participant() -> None:
 def _tamper_round(n: int, intercept_target: str, tamper: object) -> None:
     cfg = config(n, vector_length=32)
     inputs = random_inputs(cfg, seed=n)
-    out = run_local_round(cfg, inputs, identities(cfg.participants), intercept=tamper, random_bytes=DeterministicRandom(n))  # type: ignore[arg-type]
+    out = run_local_round(
+        cfg,
+        inputs,
+        identities(cfg.participants),
+        intercept=tamper,
+        random_bytes=DeterministicRandom(n),
+    )
     assert intercept_target in out.participant_errors
-    assert intercept_target in out.coordinator.dropped or intercept_target in out.aggregate.survivors
+    assert (
+        intercept_target in out.coordinator.dropped or intercept_target in out.aggregate.survivors
+    )
     assert np.array_equal(out.aggregate.vector, plain_sum(cfg, inputs, out.aggregate.survivors))
 
 
@@ -140,7 +166,9 @@ def test_offending_message_drops_only_its_recipient_and_the_round_is_exact(attac
             if attack == "misaddressed":
                 first = dataclasses.replace(first, recipient="p004")
             else:
-                first = dataclasses.replace(first, ciphertext=first.ciphertext[:-1] + bytes([first.ciphertext[-1] ^ 0x80]))
+                first = dataclasses.replace(
+                    first, ciphertext=first.ciphertext[:-1] + bytes([first.ciphertext[-1] ^ 0x80])
+                )
             return dataclasses.replace(msg, shares=(first, *msg.shares[1:]))
         if attack == "both_kinds" and isinstance(msg, UnmaskRequest):
             return dataclasses.replace(msg, dropped=(msg.survivors[0],))

@@ -88,8 +88,14 @@ def test_config_defaults_and_validation() -> None:
         with pytest.raises(ConfigError):
             config(100, **bad)
     with pytest.raises(ConfigError, match="participants"):
-        SecAggConfig.create(run_id="r", round=0, participants=["a", "a", "b"], graph_seed=bytes(32), vector_length=1)
+        SecAggConfig.create(
+            run_id="r", round=0, participants=["a", "a", "b"], graph_seed=bytes(32), vector_length=1
+        )
     with pytest.raises(ConfigError, match="graph_seed"):
-        SecAggConfig.create(run_id="r", round=0, participants=["a", "b"], graph_seed=b"", vector_length=1)
+        SecAggConfig.create(
+            run_id="r", round=0, participants=["a", "b"], graph_seed=b"", vector_length=1
+        )
     with pytest.raises(ConfigError, match="vector_length"):
-        SecAggConfig.create(run_id="r", round=0, participants=["a", "b"], graph_seed=bytes(32), vector_length=0)
+        SecAggConfig.create(
+            run_id="r", round=0, participants=["a", "b"], graph_seed=bytes(32), vector_length=0
+        )

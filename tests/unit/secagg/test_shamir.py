@@ -12,7 +12,9 @@ from conclave.core.secagg import shamir
 
 def test_any_t_of_n_shares_reconstruct_and_t_minus_1_do_not() -> None:
     secret = bytes(range(32))
-    (shares,) = shamir.share_secrets([secret], threshold=3, xs=[1, 2, 3, 4, 5], random_bytes=DeterministicRandom(1))
+    (shares,) = shamir.share_secrets(
+        [secret], threshold=3, xs=[1, 2, 3, 4, 5], random_bytes=DeterministicRandom(1)
+    )
     cache = shamir.LagrangeCache()
     for subset in itertools.combinations(shares, 3):
         assert shamir.reconstruct_secret(subset, threshold=3, secret_len=32, cache=cache) == secret
@@ -43,7 +45,9 @@ def test_share_values_are_field_elements_even_when_randomness_hits_p() -> None:
         calls.append(size)
         return b"\xff" * size if len(calls) == 1 else DeterministicRandom(5)(size)
 
-    (shares,) = shamir.share_secrets([b"\x00" * 32], threshold=5, xs=range(1, 11), random_bytes=biased)
+    (shares,) = shamir.share_secrets(
+        [b"\x00" * 32], threshold=5, xs=range(1, 11), random_bytes=biased
+    )
     assert len(calls) >= 2  # every 0x7fffffff draw was rejected and redrawn
     values = np.concatenate([np.frombuffer(s.data, dtype="<u4") for s in shares])
     assert values.max() < shamir.PRIME
@@ -51,16 +55,24 @@ def test_share_values_are_field_elements_even_when_randomness_hits_p() -> None:
 
 
 def test_deterministic_given_the_randomness() -> None:
-    one = shamir.share_secrets([b"s" * 32], threshold=3, xs=[1, 2, 3], random_bytes=DeterministicRandom(7))
-    two = shamir.share_secrets([b"s" * 32], threshold=3, xs=[1, 2, 3], random_bytes=DeterministicRandom(7))
-    three = shamir.share_secrets([b"s" * 32], threshold=3, xs=[1, 2, 3], random_bytes=DeterministicRandom(8))
+    one = shamir.share_secrets(
+        [b"s" * 32], threshold=3, xs=[1, 2, 3], random_bytes=DeterministicRandom(7)
+    )
+    two = shamir.share_secrets(
+        [b"s" * 32], threshold=3, xs=[1, 2, 3], random_bytes=DeterministicRandom(7)
+    )
+    three = shamir.share_secrets(
+        [b"s" * 32], threshold=3, xs=[1, 2, 3], random_bytes=DeterministicRandom(8)
+    )
     assert one == two
     assert one != three
 
 
 def test_large_threshold_matches_python_reference() -> None:
     xs = list(range(1, 301))
-    (shares,) = shamir.share_secrets([b"\x5a" * 32], threshold=151, xs=xs, random_bytes=DeterministicRandom(2))
+    (shares,) = shamir.share_secrets(
+        [b"\x5a" * 32], threshold=151, xs=xs, random_bytes=DeterministicRandom(2)
+    )
     chosen = shares[149:300]
     assert shamir.reconstruct_secret(chosen, threshold=151, secret_len=32) == b"\x5a" * 32
     lam = shamir.lagrange_at_zero(tuple(s.x for s in chosen[:5]))
@@ -87,4 +99,6 @@ def test_malformed_share_is_a_remote_error() -> None:
     with pytest.raises(RemoteProtocolError, match="outside the field"):
         shamir.reconstruct_secret([shares[0], bad], threshold=2, secret_len=32)
     with pytest.raises(RemoteProtocolError, match="bytes"):
-        shamir.reconstruct_secret([shares[0], shamir.Share(x=2, data=b"")], threshold=2, secret_len=32)
+        shamir.reconstruct_secret(
+            [shares[0], shamir.Share(x=2, data=b"")], threshold=2, secret_len=32
+        )

@@ -21,7 +21,9 @@ from conclave.core.types import (
 from conclave.transport.memory import MemoryTransport
 
 
-def test_fetch_task_hands_out_a_copy(fake, params: Parameters, make_task: Callable[..., Task]):
+def test_fetch_task_hands_out_a_read_only_view(
+    fake, params: Parameters, make_task: Callable[..., Task]
+):
     original = params.copy()
     fake.assignment = TaskAssignment(task=make_task(params))
     transport = MemoryTransport(fake)
@@ -32,8 +34,12 @@ def test_fetch_task_hands_out_a_copy(fake, params: Parameters, make_task: Callab
     task = assignment.task
     assert task is not None
     assert task.parameters == original
-    assert not np.shares_memory(task.parameters.flat, params.flat)
-    task.parameters["fc.weight"][:] = 99.0
+    # zero-copy broadcast: one shared buffer, which participants cannot write into
+    assert np.shares_memory(task.parameters.flat, params.flat)
+    with pytest.raises(ValueError, match="read-only"):
+        task.parameters["fc.weight"][:] = 99.0
+    with pytest.raises(ValueError, match="read-only"):
+        task.parameters.flat[0] = 99.0
     assert isinstance(task.config, dict)
     task.config["lr"] = 1.0
     assert params == original

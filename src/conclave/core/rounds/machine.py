@@ -69,6 +69,7 @@ class RunMachine:
         self.run_id = run_id
         self.spec = spec
         self._global = initial
+        self._global_digest = initial.digest()
         self._stage = Stage.IDLE
         self._round = completed_rounds
         self._kind = TaskKind.FIT
@@ -137,6 +138,7 @@ class RunMachine:
             config=config,
             parameters=self._global,
             deadline_s=timeout,
+            digest=self._global_digest,
         )
 
     # -- events -------------------------------------------------------------------------
@@ -260,6 +262,7 @@ class RunMachine:
                 return cmds + [FailRun(reason=f"round {self._round}: {reason}")]
             return cmds + self._begin_fit()
         self._global = self._agg.result()
+        self._global_digest = self._global.digest()
         self._committed = self._round
         total = self._agg.total_weight
         metrics = {name: value / total for name, value in self._metric_sums.items()}

@@ -78,7 +78,9 @@ class AggregateResult:
 class SecAggCoordinator:
     """The server side of one secure-aggregation round."""
 
-    def __init__(self, *, config: SecAggConfig, identity_keys: Mapping[str, Ed25519PublicKey]) -> None:
+    def __init__(
+        self, *, config: SecAggConfig, identity_keys: Mapping[str, Ed25519PublicKey]
+    ) -> None:
         missing = sorted(p for p in config.participants if p not in identity_keys)
         if missing:
             raise ConfigError("identity_keys", missing, "a public key for every participant")
@@ -115,7 +117,9 @@ class SecAggCoordinator:
     def dropped(self) -> frozenset[str]:
         """Participants whose input is not (or will not be) in the sum."""
         everyone = frozenset(self._cfg.participants)
-        closed = [s for s in (Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT) if s in self._completions]
+        closed = [
+            s for s in (Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT) if s in self._completions
+        ]
         alive = self._completions[closed[-1]] if closed else everyone
         return (everyone - alive) | (frozenset(self._rejected) - self.survivors)
 
@@ -144,9 +148,11 @@ class SecAggCoordinator:
         u1 = self._close(Stage.ADVERTISE, Stage.SHARE, frozenset(self._adverts))
         return {
             u: KeyBundle(
-                run_id=self._cfg.run_id, round=self._cfg.round, recipient=u,
+                run_id=self._cfg.run_id,
+                round=self._cfg.round,
+                recipient=u,
                 adverts=tuple(self._adverts[v] for v in sorted(self._cfg.graph[u] & u1)),
-            )  # fmt: skip
+            )
             for u in sorted(u1)
         }
 
@@ -207,7 +213,10 @@ class SecAggCoordinator:
             )
         cfg = self._cfg
         return UnmaskRequest(
-            run_id=cfg.run_id, round=cfg.round, survivors=tuple(sorted(u3)), dropped=tuple(sorted(dropped))
+            run_id=cfg.run_id,
+            round=cfg.round,
+            survivors=tuple(sorted(u3)),
+            dropped=tuple(sorted(dropped)),
         )
 
     # -- UNMASK ---------------------------------------------------------------------------------
@@ -225,7 +234,9 @@ class SecAggCoordinator:
             ):
                 for share in group:
                     if share.owner not in allowed or self._revealed.get(share.owner, kind) != kind:
-                        raise RemoteProtocolError(f"{kind.value} share of {share.owner!r} not allowed")
+                        raise RemoteProtocolError(
+                            f"{kind.value} share of {share.owner!r} not allowed"
+                        )
                     if len(share.data) != SHARE_BYTES:
                         raise RemoteProtocolError(f"share of {share.owner!r} has the wrong length")
                     accepted.append((share.owner, kind, share.data))
@@ -265,7 +276,9 @@ class SecAggCoordinator:
         self._masked.clear()
         return AggregateResult(vector=total, survivors=u3)
 
-    def _unmasked_sum(self, owners: list[str], u3: frozenset[str]) -> npt.NDArray[np.unsignedinteger]:
+    def _unmasked_sum(
+        self, owners: list[str], u3: frozenset[str]
+    ) -> npt.NDArray[np.unsignedinteger]:
         cfg = self._cfg
         total = np.zeros(cfg.vector_length, dtype=cfg.dtype)
         for vec in self._masked.values():
@@ -273,18 +286,24 @@ class SecAggCoordinator:
         for owner in owners:
             secret = shamir.reconstruct_secret(
                 [shamir.Share(x=x, data=d) for x, d in self._shares[owner].items()],
-                threshold=cfg.threshold, secret_len=SECRET_BYTES, cache=self._lagrange,
-            )  # fmt: skip
+                threshold=cfg.threshold,
+                secret_len=SECRET_BYTES,
+                cache=self._lagrange,
+            )
             if owner in u3:
                 seed = keys.self_mask_seed(secret, cfg.context)
                 total -= prg.expand(seed, cfg.vector_length, cfg.dtype)
                 continue
             s_private = X25519PrivateKey.from_private_bytes(secret)
             if keys.public_bytes(s_private) != self._adverts[owner].s_public:
-                raise AggregationError(f"reconstructed mask key of {owner!r} does not match its advert")
+                raise AggregationError(
+                    f"reconstructed mask key of {owner!r} does not match its advert"
+                )
             for u in sorted(cfg.graph[owner] & u3):
                 shared = keys.agree(s_private, self._adverts[u].s_public)
-                mask = prg.expand(keys.pairwise_seed(shared, cfg.context), cfg.vector_length, cfg.dtype)
+                mask = prg.expand(
+                    keys.pairwise_seed(shared, cfg.context), cfg.vector_length, cfg.dtype
+                )
                 if u < owner:
                     total -= mask
                 else:
@@ -300,10 +319,14 @@ class SecAggCoordinator:
         if who not in cfg.graph:
             raise RemoteProtocolError(f"{who!r} is not a participant of this round")
         if self._stage is not stage:
-            raise RemoteProtocolError(f"{stage.name} message from {who!r} arrived in {self._stage.name}")
+            raise RemoteProtocolError(
+                f"{stage.name} message from {who!r} arrived in {self._stage.name}"
+            )
         if who in self._rejected:
             raise RemoteProtocolError(f"{who!r} was rejected: {self._rejected[who]}")
-        previous = _COLLECTING[_COLLECTING.index(stage) - 1] if stage is not Stage.ADVERTISE else None
+        previous = (
+            _COLLECTING[_COLLECTING.index(stage) - 1] if stage is not Stage.ADVERTISE else None
+        )
         if previous is not None and who not in self._completions[previous]:
             raise RemoteProtocolError(f"{who!r} did not complete {previous.name}")
         if who in seen:
@@ -337,4 +360,3 @@ class SecAggCoordinator:
         self._stage = Stage.ERROR
         self._masked.clear()
         self._shares.clear()
-

@@ -33,7 +33,10 @@ import numpy.typing as npt
 from conclave.core.errors import ConfigError, InvalidUpdate
 
 MAX_LEVEL_BITS = 52
-RING_DTYPES = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
+RING_DTYPES: dict[int, np.dtype[np.unsignedinteger]] = {
+    32: np.dtype(np.uint32),
+    64: np.dtype(np.uint64),
+}
 
 RingArray = npt.NDArray[np.unsignedinteger]
 Floats = npt.NDArray[np.floating]

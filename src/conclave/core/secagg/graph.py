@@ -58,7 +58,9 @@ def validate_threshold(k: int, t: int) -> None:
         raise ConfigError("threshold", t, f"an integer with {k}/2 < t <= {k} (neighbours k={k})")
 
 
-def neighbour_graph(seed: bytes, participants: Sequence[str], k: int) -> Mapping[str, frozenset[str]]:
+def neighbour_graph(
+    seed: bytes, participants: Sequence[str], k: int
+) -> Mapping[str, frozenset[str]]:
     """The neighbours of every participant; symmetric, no self loops."""
     ids = sorted(participants)
     n = len(ids)

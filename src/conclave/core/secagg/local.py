@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -59,9 +60,12 @@ def run_local_round(
     coordinator = SecAggCoordinator(config=config, identity_keys=public)
     parts = {
         pid: SecAggParticipant(
-            config=config, participant_id=pid, identity_key=identities[pid],
-            identity_keys=public, random_bytes=random_bytes,
-        )  # fmt: skip
+            config=config,
+            participant_id=pid,
+            identity_key=identities[pid],
+            identity_keys=public,
+            random_bytes=random_bytes,
+        )
         for pid in config.participants
     }
     errors: dict[str, ConclaveError] = {}
@@ -91,19 +95,17 @@ def run_local_round(
 
     for pid in config.participants:
         step(Stage.ADVERTISE, pid, parts[pid].advertise, coordinator.receive_advert)
-    for pid, kb in coordinator.close_advertise().items():
-        step(Stage.SHARE, pid, lambda: parts[pid].receive_keys(carry(Stage.SHARE, pid, kb)),
-             coordinator.receive_share_keys)  # fmt: skip
-    for pid, sb in coordinator.close_share().items():
-        step(
-            Stage.MASKED_INPUT, pid,
-            lambda: parts[pid].masked_input(inputs[pid], carry(Stage.MASKED_INPUT, pid, sb)),
-            coordinator.receive_masked_input,
-        )  # fmt: skip
+    for pid, key_bundle in coordinator.close_advertise().items():
+        make_shares = partial(parts[pid].receive_keys, carry(Stage.SHARE, pid, key_bundle))
+        step(Stage.SHARE, pid, make_shares, coordinator.receive_share_keys)
+    for pid, share_bundle in coordinator.close_share().items():
+        bundle = carry(Stage.MASKED_INPUT, pid, share_bundle)
+        make_masked = partial(parts[pid].masked_input, inputs[pid], bundle)
+        step(Stage.MASKED_INPUT, pid, make_masked, coordinator.receive_masked_input)
     request = coordinator.close_masked_input()
     for pid in request.survivors:
-        step(Stage.UNMASK, pid, lambda: parts[pid].unmask(carry(Stage.UNMASK, pid, request)),
-             coordinator.receive_unmask_response)  # fmt: skip
+        make_response = partial(parts[pid].unmask, carry(Stage.UNMASK, pid, request))
+        step(Stage.UNMASK, pid, make_response, coordinator.receive_unmask_response)
     return LocalRoundOutcome(
         aggregate=coordinator.finish(), coordinator=coordinator, participant_errors=errors
     )

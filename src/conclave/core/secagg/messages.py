@@ -110,9 +110,13 @@ class AdvertiseKeys:
     @classmethod
     def read(cls, r: _Reader) -> AdvertiseKeys:
         return cls(
-            run_id=r.text(), round=r.u64(), participant=r.text(),
-            c_public=r.raw(), s_public=r.raw(), signature=r.raw(),
-        )  # fmt: skip
+            run_id=r.text(),
+            round=r.u64(),
+            participant=r.text(),
+            c_public=r.raw(),
+            s_public=r.raw(),
+            signature=r.raw(),
+        )
 
     def to_bytes(self) -> bytes:
         return self.write(_Writer(self.TAG)).done()
@@ -146,9 +150,11 @@ class KeyBundle:
     def from_bytes(cls, data: bytes) -> KeyBundle:
         r = _Reader(data, cls.TAG, cls.__name__)
         msg = cls(
-            run_id=r.text(), round=r.u64(), recipient=r.text(),
+            run_id=r.text(),
+            round=r.u64(),
+            recipient=r.text(),
             adverts=r.items(lambda: AdvertiseKeys.read(r)),
-        )  # fmt: skip
+        )
         r.end()
         return msg
 
@@ -169,7 +175,9 @@ class EncryptedShare:
         return cls(sender=r.text(), recipient=r.text(), ciphertext=r.raw())
 
 
-def _shares_to_bytes(tag: int, run_id: str, rnd: int, who: str, shares: tuple[EncryptedShare, ...]) -> bytes:
+def _shares_to_bytes(
+    tag: int, run_id: str, rnd: int, who: str, shares: tuple[EncryptedShare, ...]
+) -> bytes:
     w = _Writer(tag).text(run_id).u64(rnd).text(who).count(len(shares))
     for share in shares:
         share.write(w)
@@ -193,9 +201,11 @@ class ShareKeys:
     def from_bytes(cls, data: bytes) -> ShareKeys:
         r = _Reader(data, cls.TAG, cls.__name__)
         msg = cls(
-            run_id=r.text(), round=r.u64(), participant=r.text(),
+            run_id=r.text(),
+            round=r.u64(),
+            participant=r.text(),
             shares=r.items(lambda: EncryptedShare.read(r)),
-        )  # fmt: skip
+        )
         r.end()
         return msg
 
@@ -217,9 +227,11 @@ class ShareBundle:
     def from_bytes(cls, data: bytes) -> ShareBundle:
         r = _Reader(data, cls.TAG, cls.__name__)
         msg = cls(
-            run_id=r.text(), round=r.u64(), recipient=r.text(),
+            run_id=r.text(),
+            round=r.u64(),
+            recipient=r.text(),
             shares=r.items(lambda: EncryptedShare.read(r)),
-        )  # fmt: skip
+        )
         r.end()
         return msg
 
@@ -284,7 +296,9 @@ class UnmaskRequest:
     @classmethod
     def from_bytes(cls, data: bytes) -> UnmaskRequest:
         r = _Reader(data, cls.TAG, cls.__name__)
-        msg = cls(run_id=r.text(), round=r.u64(), survivors=r.items(r.text), dropped=r.items(r.text))
+        msg = cls(
+            run_id=r.text(), round=r.u64(), survivors=r.items(r.text), dropped=r.items(r.text)
+        )
         r.end()
         return msg
 
@@ -324,8 +338,11 @@ class UnmaskResponse:
             return RevealedShare(owner=r.text(), data=r.raw())
 
         msg = cls(
-            run_id=r.text(), round=r.u64(), participant=r.text(),
-            self_mask_shares=r.items(revealed), mask_key_shares=r.items(revealed),
-        )  # fmt: skip
+            run_id=r.text(),
+            round=r.u64(),
+            participant=r.text(),
+            self_mask_shares=r.items(revealed),
+            mask_key_shares=r.items(revealed),
+        )
         r.end()
         return msg

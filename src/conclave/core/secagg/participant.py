@@ -128,9 +128,13 @@ class SecAggParticipant:
         c_pub, s_pub = self._keys.c_public, self._keys.s_public
         payload = keys.advert_payload(cfg.run_id, cfg.round, self._id, c_pub, s_pub)
         return AdvertiseKeys(
-            run_id=cfg.run_id, round=cfg.round, participant=self._id,
-            c_public=c_pub, s_public=s_pub, signature=keys.sign_advert(self._identity, payload),
-        )  # fmt: skip
+            run_id=cfg.run_id,
+            round=cfg.round,
+            participant=self._id,
+            c_public=c_pub,
+            s_public=s_pub,
+            signature=keys.sign_advert(self._identity, payload),
+        )
 
     def _receive_keys(self, bundle: KeyBundle) -> ShareKeys:
         cfg, own = self._config, self._round_keys()
@@ -156,7 +160,9 @@ class SecAggParticipant:
             plaintext = b_share.data + s_share.data
             ct = keys.encrypt_share(secret, cfg.context, self._id, v, plaintext, self._random_bytes)
             out.append(EncryptedShare(sender=self._id, recipient=v, ciphertext=ct))
-        return ShareKeys(run_id=cfg.run_id, round=cfg.round, participant=self._id, shares=tuple(out))
+        return ShareKeys(
+            run_id=cfg.run_id, round=cfg.round, participant=self._id, shares=tuple(out)
+        )
 
     def _accept_advert(self, advert: AdvertiseKeys) -> None:
         cfg, who = self._config, advert.participant
@@ -239,10 +245,12 @@ class SecAggParticipant:
             )
         gone = [u for u in sorted(self._held) if u in dropped]
         return UnmaskResponse(
-            run_id=cfg.run_id, round=cfg.round, participant=self._id,
+            run_id=cfg.run_id,
+            round=cfg.round,
+            participant=self._id,
             self_mask_shares=tuple(RevealedShare(owner=u, data=self._held[u][0]) for u in alive),
             mask_key_shares=tuple(RevealedShare(owner=u, data=self._held[u][1]) for u in gone),
-        )  # fmt: skip
+        )
 
     # -- helpers --------------------------------------------------------------------------------
 

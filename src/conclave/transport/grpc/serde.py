@@ -248,7 +248,7 @@ def _task_header(task: Task) -> pb.TaskHeader:
         config=config_to_proto(task.config),
         deadline_s=task.deadline_s,
         layout=layout_to_proto(parameters.layout),
-        digest=parameters.digest(),
+        digest=task.digest or parameters.digest(),
         total_bytes=parameters.layout.nbytes,
     )
 

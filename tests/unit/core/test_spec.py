@@ -1,0 +1,90 @@
+"""Run spec validation: every bad field names the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from conclave.core.errors import ConfigError
+from conclave.core.spec import RunSpec, StrategyName
+
+GOOD = """
+[run]
+name = "ok"
+rounds = 3
+[task]
+trainer = "conclave.tasks.heart_disease:make_trainer"
+"""
+
+
+def test_minimal_spec_has_sensible_defaults() -> None:
+    spec = RunSpec.from_toml(GOOD)
+    assert spec.rounds == 3 and spec.seed == 0 and spec.strategy is StrategyName.FEDAVG
+    assert spec.selection.min_quorum == 1 and spec.selection.participants_per_round == 0
+    assert spec.source == GOOD
+
+
+def test_bundled_spec_and_example_are_identical_and_valid() -> None:
+    from importlib import resources
+    from pathlib import Path
+
+    bundled = resources.files("conclave.tasks.heart_disease").joinpath("run.toml").read_text()
+    example = (Path(__file__).resolve().parents[3] / "examples/fed-heart-disease.toml").read_text()
+    assert bundled == example
+    spec = RunSpec.from_toml(bundled)
+    assert spec.rounds == 15 and spec.task.config["local_steps"] == 100
+    assert spec.simulation.names() == spec.federation.participants
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "fragment"),
+    [
+        ('rounds = 0', "run.rounds", "integer >= 1"),
+        ('rounds = "ten"', "run.rounds", "integer >= 1"),
+        ('rounds = 3\nseed = -1', "run.seed", "integer >= 0"),
+        ('rounds = 3\ncolour = "red"', "run.colour", "known key"),
+        ('rounds = 3.5', "run.rounds", "integer"),
+    ],
+)
+def test_bad_run_fields(patch: str, field: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RunSpec.from_toml(GOOD.replace("rounds = 3", patch))
+    assert info.value.field == field and fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ('[strategy]\nname = "fedsgd"', "strategy.name"),
+        ("[selection]\nmin_quorum = 5\nparticipants_per_round = 2", "selection.min_quorum"),
+        ("[deadlines]\nround_timeout_s = -1", "deadlines.round_timeout_s"),
+        ("[deadlines]\nround_timeout_s = nan", "deadlines.round_timeout_s"),
+        ('[federation]\nparticipants = ["a", "a"]', "federation.participants"),
+        ('[federation]\nparticipants = ["a"]\n[selection]\nmin_participants = 2',
+         "selection.min_participants"),
+        ("[task.config]\nlr = [1, 2]", "task.config.lr"),
+        ('[simulation]\nname_format = "p"', "simulation.name_format"),
+        ("[evaluation]\nevery_rounds = -2", "evaluation.every_rounds"),
+        ("[bogus]\nx = 1", "bogus"),
+    ],
+)
+def test_bad_sections(extra: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RunSpec.from_toml(GOOD + extra)
+    assert info.value.field == field
+    assert repr(info.value.value)[:20] in str(info.value)
+
+
+def test_missing_tables_and_bad_toml() -> None:
+    with pytest.raises(ConfigError, match="task"):
+        RunSpec.from_toml('[run]\nname = "x"\nrounds = 1\n')
+    with pytest.raises(ConfigError, match="valid TOML"):
+        RunSpec.from_toml("[run\nname=")
+    with pytest.raises(ConfigError, match="task.trainer"):
+        RunSpec.from_toml(GOOD.replace("conclave.tasks.heart_disease:make_trainer", "no colon"))
+
+
+def test_rounds_override() -> None:
+    spec = RunSpec.from_toml(GOOD).with_overrides(rounds=7)
+    assert spec.rounds == 7
+    with pytest.raises(ConfigError):
+        RunSpec.from_toml(GOOD).with_overrides(rounds=0)
