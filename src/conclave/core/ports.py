@@ -23,6 +23,8 @@ from conclave.core.types import (
     JoinRequest,
     RoundStatus,
     RunStatus,
+    SecAggStep,
+    StageInput,
     TaskAssignment,
     TaskKind,
     TrainerContext,
@@ -137,3 +139,15 @@ class CoordinatorService(Protocol):
     def submit_update(self, update: Update) -> Verdict: ...
 
     def submit_evaluation(self, evaluation: Evaluation) -> Verdict: ...
+
+    def fetch_stage(
+        self, run_id: str, participant: str, round: int, step: SecAggStep, wait_s: float
+    ) -> StageInput:
+        """Secure aggregation: what ``participant`` needs for ``step`` of ``round`` (long poll)."""
+        ...
+
+    def submit_stage(
+        self, run_id: str, participant: str, round: int, step: SecAggStep, payload: bytes
+    ) -> Verdict:
+        """Secure aggregation: one stage message (payloads can be many MB: stream them)."""
+        ...

@@ -21,6 +21,22 @@ class TaskKind(enum.Enum):
     EVALUATE = "evaluate"
 
 
+class SecAggStep(enum.Enum):
+    """Steps of a secure-aggregation round as seen on the wire.
+
+    ``fetch_stage(step)`` returns what a participant needs in order to produce ``step``'s
+    message: SETUP -> the round's setup, SHARE -> the neighbours' advertised keys,
+    MASKED_INPUT -> the encrypted shares addressed to it, UNMASK -> the unmask request.
+    ``submit_stage(step)`` carries ADVERTISE, SHARE, MASKED_INPUT and UNMASK messages.
+    """
+
+    SETUP = "setup"
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    MASKED_INPUT = "masked_input"
+    UNMASK = "unmask"
+
+
 class ContributionStatus(enum.Enum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
@@ -153,3 +169,13 @@ class TaskAssignment:
 
     task: Task | None
     run_finished: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageInput:
+    """The reply to ``fetch_stage``: the payload, nothing yet, or an abort with the reason
+    (the round closed, failed, or the participant was dropped from it)."""
+
+    payload: bytes | None
+    aborted: bool = False
+    reason: str = ""
