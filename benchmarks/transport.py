@@ -33,6 +33,8 @@ from conclave.core.types import (
     HeartbeatReply,
     JoinReply,
     JoinRequest,
+    SecAggStep,
+    StageInput,
     TaskAssignment,
     TaskKind,
     Update,
@@ -111,6 +113,14 @@ class Sink:
         return Verdict(accepted=True)
 
     def submit_evaluation(self, evaluation: Evaluation) -> Verdict:
+        return Verdict(accepted=True)
+
+    def fetch_stage(self, run_id: str, participant: str, round: int, step: SecAggStep,
+                    wait_s: float) -> StageInput:
+        return StageInput(payload=None)
+
+    def submit_stage(self, run_id: str, participant: str, round: int, step: SecAggStep,
+                     payload: bytes) -> Verdict:
         return Verdict(accepted=True)
 
 

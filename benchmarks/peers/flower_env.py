@@ -34,6 +34,7 @@ __all__ = [
     "flower_env_vars",
     "flower_venv_dir",
     "run_flower",
+    "run_flower_secagg",
 ]
 
 FLOWER_REQUIREMENT = "flwr[simulation]==1.42.*"
@@ -183,6 +184,56 @@ def run_flower(clients: int, dim: int, rounds: int, timeout_s: float) -> dict[st
     """
     if clients < 1 or dim < 1 or rounds < 1:
         raise ValueError("clients, dim and rounds must all be positive")
+    return _run_workload([f"--clients={clients}", f"--dim={dim}", f"--rounds={rounds}"], timeout_s)
+
+
+def run_flower_secagg(
+    clients: int,
+    dim: int,
+    rounds: int,
+    timeout_s: float,
+    *,
+    num_shares: int = 5,
+    threshold: int = 3,
+    drop_fraction: float = 0.0,
+    clipping_range: float = 8.0,
+    quantization_range: int = 2**22,
+    max_weight: float = 1000.0,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Run the same workload aggregated with Flower's SecAgg+ and return its JSON result.
+
+    ``drop_fraction`` of the clients (chosen once from ``seed``) fail in every round after
+    sharing their keys and before sending their masked vector. The result holds the plain
+    run's fields plus ``"secagg": true``, the SecAgg+ parameters, ``rounds_not_aggregated``
+    (rounds SecAgg+ halted on, keeping the previous model) and ``max_abs_error`` (aggregate
+    against the exact mean of the survivors; each client's update is scaled by 1 / max_weight
+    before quantisation, so Flower's default 1000 costs ~3 decimal digits).
+    Raises FlowerEnvError as :func:`run_flower`.
+    """
+    if clients < 3 or dim < 1 or rounds < 1:
+        raise ValueError("SecAgg+ needs clients >= 3, and dim and rounds must be positive")
+    if not 2 < num_shares <= clients or not 1 < threshold < num_shares:
+        raise ValueError("need 2 < num_shares <= clients and 1 < threshold < num_shares")
+    if not 0.0 <= drop_fraction < 1.0:
+        raise ValueError("drop_fraction must be in [0, 1)")
+    argv = [
+        f"--clients={clients}",
+        f"--dim={dim}",
+        f"--rounds={rounds}",
+        "--secagg",
+        f"--num-shares={num_shares}",
+        f"--threshold={threshold}",
+        f"--drop-fraction={drop_fraction!r}",
+        f"--clipping-range={clipping_range!r}",
+        f"--quantization-range={quantization_range}",
+        f"--max-weight={max_weight!r}",
+        f"--seed={seed}",
+    ]
+    return _run_workload(argv, timeout_s)
+
+
+def _run_workload(workload_args: list[str], timeout_s: float) -> dict[str, object]:
     python = ensure_flower_venv()
     cache = bench_cache_dir()
     run_dir = cache / "runs" / f"{os.getpid()}-{time.monotonic_ns()}"
@@ -190,14 +241,7 @@ def run_flower(clients: int, dim: int, rounds: int, timeout_s: float) -> dict[st
     json_out = run_dir / "result.json"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(flower_env_vars(cache / "flwr-home"))
-    argv = [
-        str(python),
-        str(_WORKLOAD),
-        f"--clients={clients}",
-        f"--dim={dim}",
-        f"--rounds={rounds}",
-        f"--json-out={json_out}",
-    ]
+    argv = [str(python), str(_WORKLOAD), *workload_args, f"--json-out={json_out}"]
     stderr_path = run_dir / "stderr.log"
     with stderr_path.open("w", encoding="utf-8") as stderr:
         process = subprocess.Popen(

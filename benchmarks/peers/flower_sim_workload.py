@@ -5,7 +5,8 @@ This script never imports conclave: it runs in Flower's own virtual environment
 
 Workload (as in /work/shared/PEERS.md): the model is one float32 vector of ``--dim`` elements;
 a client's "training" adds N(0, 1e-3) noise to it, so framework overhead dominates; FedAvg over
-every client each round, no federated evaluation. Flower's Message API (``ServerApp`` main +
+every client each round, no federated evaluation (``--secagg``: the same workload aggregated
+with SecAgg+, see ``flower_secagg_workload.py``). Flower's Message API (``ServerApp`` main +
 ``flwr.serverapp.strategy.FedAvg``) runs under ``flwr.simulation.run_simulation`` with
 ``num_supernodes=N`` on the Ray backend with 1 CPU per client and 2 CPUs for Ray.
 
@@ -208,10 +209,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, required=True)
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--json-out", type=Path, required=True)
+    secagg = parser.add_argument_group("SecAgg+ (see flower_secagg_workload.py)")
+    secagg.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+")
+    secagg.add_argument("--num-shares", type=int, default=5)
+    secagg.add_argument("--threshold", type=int, default=3)
+    secagg.add_argument("--clipping-range", type=float, default=8.0)
+    secagg.add_argument("--quantization-range", type=int, default=2**22)
+    secagg.add_argument("--max-weight", type=float, default=1000.0)
+    secagg.add_argument("--drop-fraction", type=float, default=0.0)
+    secagg.add_argument("--seed", type=int, default=0, help="picks the dropped clients")
     args = parser.parse_args(argv)
     if min(args.clients, args.dim, args.rounds) < 1:
         parser.error("--clients, --dim and --rounds must be positive")
-    result = run(args.clients, args.dim, args.rounds)
+    if not 0.0 <= args.drop_fraction < 1.0:
+        parser.error("--drop-fraction must be in [0, 1)")
+    if args.drop_fraction and not args.secagg:
+        parser.error("--drop-fraction needs --secagg")
+    if args.secagg:
+        # A sibling script, importable because Python puts this script's folder on sys.path.
+        from flower_secagg_workload import SecAggParams, run_secagg
+
+        params = SecAggParams(
+            num_shares=args.num_shares,
+            threshold=args.threshold,
+            clipping_range=args.clipping_range,
+            quantization_range=args.quantization_range,
+            max_weight=args.max_weight,
+            drop_fraction=args.drop_fraction,
+            seed=args.seed,
+        )
+        result = run_secagg(args.clients, args.dim, args.rounds, params)
+        result["import_s"] = _T_IMPORTED - _T_PROCESS
+    else:
+        result = run(args.clients, args.dim, args.rounds)
     args.json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result), flush=True)
     return 0

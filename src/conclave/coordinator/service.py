@@ -33,13 +33,16 @@ from conclave.core.rounds.events import (
     ParticipantJoined,
     ParticipantLost,
     RecordContribution,
+    RecordStage,
     Reply,
     RunStarted,
+    StageReceived,
     StartRound,
     Timer,
     UpdateReceived,
 )
 from conclave.core.rounds.machine import RunMachine
+from conclave.core.secagg.setup import IDENTITY_CAPABILITY
 from conclave.core.spec import RunSpec
 from conclave.core.types import (
     PROTOCOL_VERSION,
@@ -51,6 +54,8 @@ from conclave.core.types import (
     ParticipantState,
     RoundStatus,
     RunStatus,
+    SecAggStep,
+    StageInput,
     TaskAssignment,
     TaskKind,
     Update,
@@ -194,6 +199,7 @@ class Coordinator:
                 f"this coordinator speaks version {PROTOCOL_VERSION}"
             )
         name = request.participant
+        identity = _identity_key(request)
         allowed = self.spec.federation.participants
         with self._cond:
             if allowed and name not in allowed:
@@ -208,7 +214,7 @@ class Coordinator:
             self._lost.discard(name)
             self._last_seen[name] = self._clock()
             if self._status is RunStatus.RUNNING:
-                self._apply(ParticipantJoined(name))
+                self._apply(ParticipantJoined(name, identity_key=identity))
             return JoinReply(
                 run_id=self.run_id,
                 heartbeat_interval_s=self.spec.federation.heartbeat_interval_s,
@@ -252,6 +258,26 @@ class Coordinator:
             self._check_member(evaluation.run_id, evaluation.participant)
             self._seen(evaluation.participant)
             return self._verdict(self._apply(EvaluationReceived(evaluation)))
+
+    def fetch_stage(self, run_id: str, participant: str, round: int, step: SecAggStep,
+                    wait_s: float) -> StageInput:
+        deadline = time.monotonic() + max(0.0, wait_s)
+        with self._cond:
+            self._check_member(run_id, participant)
+            while True:
+                self._seen(participant)
+                answer = self._machine.stage_input(participant, round, step)
+                remaining = deadline - time.monotonic()
+                if answer.payload is not None or answer.aborted or remaining <= 0:
+                    return answer
+                self._cond.wait(min(remaining, 1.0))
+
+    def submit_stage(self, run_id: str, participant: str, round: int, step: SecAggStep,
+                     payload: bytes) -> Verdict:
+        with self._cond:
+            self._check_member(run_id, participant)
+            self._seen(participant)
+            return self._verdict(self._apply(StageReceived(participant, round, step, payload)))
 
     def _check_member(self, run_id: str, participant: str) -> None:
         if run_id != self.run_id:
@@ -303,6 +329,13 @@ class Coordinator:
                 self._record_contribution(cmd, now)
             case Reply():
                 pass
+            case RecordStage(round=r, step=step, completed=done, dropped=missing):
+                for p in done:
+                    self._event(p, ParticipantState.ACCEPTED,
+                                f"secure aggregation round {r}: completed {step.value}")
+                for p in missing:
+                    self._event(p, ParticipantState.LOST,
+                                f"secure aggregation round {r}: nothing at {step.value}")
             case CommitRound(round=r, parameters=params, metrics=metrics):
                 self._ledger.commit_round(self.run_id, r, params, finished_at=now, metrics=metrics)
                 self._drop_timers(Timer.FIT)
@@ -391,6 +424,18 @@ class Coordinator:
                     for t in fit
                 ],
             }
+
+
+def _identity_key(request: JoinRequest) -> bytes:
+    text = request.capabilities.get(IDENTITY_CAPABILITY, "")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if text and len(key) != 32:
+        raise RemoteProtocolError(
+            f"capability {IDENTITY_CAPABILITY} must be a 32-byte Ed25519 public key in hex")
+    return key
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:

@@ -28,6 +28,33 @@ class StrategyName(enum.Enum):
     FEDAVG = "fedavg"
 
 
+class SecAggProtocol(enum.Enum):
+    SECAGG_PLUS = "secagg+"
+    """SecAgg+ (Bell et al. 2020): a random k-regular neighbour graph, k = O(log n)."""
+    SECAGG = "secagg"
+    """SecAgg (Bonawitz et al. 2017): the complete graph."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecureAggregationSpec:
+    """``[secure_aggregation]``: the coordinator learns only the sum of the updates."""
+
+    protocol: SecAggProtocol = SecAggProtocol.SECAGG_PLUS
+    neighbours: int | None = None
+    """Neighbour degree k (None: derived from the number of participants each round)."""
+    threshold: int | None = None
+    """Shamir threshold t, k/2 < t <= k (None: k // 2 + 1)."""
+    clip_range: float = 4.0
+    """Each coordinate of an update (the change to the global model) is clipped to
+    [-clip_range, clip_range] before fixed-point encoding."""
+    bits: int = 32
+    """The ring Z_(2^bits) the masked sums live in: 32 or 64."""
+    max_weight: int = 100_000
+    """Example counts above this are capped when encoding the FedAvg weight."""
+    stage_timeout_s: float = 60.0
+    """Deadline of each secure-aggregation stage after the training deadline."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskSpec:
     trainer: str
@@ -93,6 +120,8 @@ class RunSpec:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     federation: FederationSpec = field(default_factory=FederationSpec)
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
+    secure_aggregation: SecureAggregationSpec | None = None
+    """None: plain aggregation (the coordinator sees each update)."""
     source: str = ""
     """The TOML text the spec was read from (kept in the ledger for lineage)."""
 
@@ -108,12 +137,19 @@ class RunSpec:
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "") -> RunSpec:
         return _build(_Table(data, ""), source)
 
-    def with_overrides(self, *, rounds: int | None = None) -> RunSpec:
-        if rounds is None:
-            return self
-        if rounds < 1:
-            raise ConfigError("run.rounds", rounds, "an integer >= 1")
-        return dataclasses.replace(self, rounds=rounds)
+    def with_overrides(
+        self, *, rounds: int | None = None, secure_aggregation: bool = False
+    ) -> RunSpec:
+        spec = self
+        if rounds is not None:
+            if rounds < 1:
+                raise ConfigError("run.rounds", rounds, "an integer >= 1")
+            spec = dataclasses.replace(spec, rounds=rounds)
+        if secure_aggregation and spec.secure_aggregation is None:
+            secure = SecureAggregationSpec()
+            _check_secure(secure, spec.selection, spec.federation)
+            spec = dataclasses.replace(spec, secure_aggregation=secure)
+        return spec
 
 
 class _Table:
@@ -266,14 +302,76 @@ def _build(root: _Table, source: str) -> RunSpec:
     if simulation.participants < min_participants:
         raise ConfigError("simulation.participants", simulation.participants,
                           f"at least selection.min_participants ({min_participants})")
+    secure = _secure(root, selection_spec := SelectionSpec(
+        participants_per_round=per_round, min_participants=min_participants,
+        min_quorum=min_quorum, max_round_attempts=attempts), federation)
     root.check_unknown()
 
     return RunSpec(
         name=name, rounds=rounds, seed=seed,
         task=TaskSpec(trainer=trainer, config=config, options=options),
         strategy=strategy,
-        selection=SelectionSpec(participants_per_round=per_round, min_participants=min_participants,
-                                min_quorum=min_quorum, max_round_attempts=attempts),
+        selection=selection_spec,
         deadlines=deadlines, evaluation=evaluation, federation=federation,
-        simulation=simulation, source=source,
+        simulation=simulation, secure_aggregation=secure, source=source,
     )
+
+
+def _secure(root: _Table, selection: SelectionSpec,
+            federation: FederationSpec) -> SecureAggregationSpec | None:
+    if "secure_aggregation" not in root.data:
+        root.seen.add("secure_aggregation")
+        return None
+    t = root.table("secure_aggregation")
+    if not t.raw("enabled", True):
+        t.seen.update(t.data)
+        return None
+    bits = t.int("bits", 32, minimum=1)
+    if bits not in (32, 64):
+        raise ConfigError("secure_aggregation.bits", bits, "32 or 64")
+    neighbours = t.raw("neighbours")
+    threshold = t.raw("threshold")
+    for key, value in (("neighbours", neighbours), ("threshold", threshold)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ConfigError(f"secure_aggregation.{key}", value, "an integer >= 1")
+    spec = SecureAggregationSpec(
+        protocol=t.enum("protocol", SecAggProtocol, SecAggProtocol.SECAGG_PLUS),
+        neighbours=neighbours, threshold=threshold,
+        clip_range=t.float("clip_range", 4.0), bits=bits,
+        max_weight=t.int("max_weight", 100_000, minimum=1),
+        stage_timeout_s=t.float("stage_timeout_s", 60.0),
+    )
+    t.check_unknown()
+    _check_secure(spec, selection, federation)
+    return spec
+
+
+def _check_secure(spec: SecureAggregationSpec, selection: SelectionSpec,
+                  federation: FederationSpec) -> None:
+    """Check k and t against the largest round this spec can run (n known or bounded)."""
+    n = selection.participants_per_round or len(federation.participants) or 0
+    if spec.protocol is SecAggProtocol.SECAGG and spec.neighbours is not None:
+        raise ConfigError("secure_aggregation.neighbours", spec.neighbours,
+                          "unset for protocol 'secagg' (the complete graph)")
+    k = spec.neighbours
+    if n >= 2:
+        full = n - 1
+        if k is None:
+            k = full if spec.protocol is SecAggProtocol.SECAGG else min(
+                full, 2 * math.ceil(3 * math.log2(n)))
+        elif k > full:
+            raise ConfigError("secure_aggregation.neighbours", k,
+                              f"at most participants - 1 = {full}")
+        elif k < full and k % 2:
+            raise ConfigError("secure_aggregation.neighbours", k,
+                              "an even number (or participants - 1 for the complete graph)")
+    if spec.threshold is not None and k is not None:
+        if not (k / 2 < spec.threshold <= k):
+            raise ConfigError("secure_aggregation.threshold", spec.threshold,
+                              f"more than neighbours/2 and at most neighbours (k = {k})")
+    if spec.threshold is not None and spec.threshold < 2:
+        raise ConfigError("secure_aggregation.threshold", spec.threshold, "at least 2")
+    if selection.min_quorum < 2:
+        raise ConfigError("selection.min_quorum", selection.min_quorum,
+                          "at least 2 with secure aggregation (a sum of one is no secret)")

@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from conclave.core.errors import ConclaveError, ConfigError, TrainerError, TransportError
 from conclave.core.parameters import Parameters
 from conclave.core.ports import CoordinatorService, Trainer, TrainerFactory
@@ -22,12 +24,14 @@ from conclave.core.types import (
     Evaluation,
     FitResult,
     JoinRequest,
+    SecAggStep,
     Task,
     TaskKind,
     TrainerContext,
     Update,
     Verdict,
 )
+from conclave.participant.secure import SecureSession, StageMessage, identity_capability
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +67,14 @@ class ParticipantAgent:
         trainer: Trainer,
         capabilities: Mapping[str, str] | None = None,
         poll_wait_s: float = 5.0,
+        identity: Ed25519PrivateKey | None = None,
     ) -> None:
         self.name = name
         self._service = service
         self._trainer = trainer
-        self._capabilities = dict(capabilities or {})
+        self._identity = identity or Ed25519PrivateKey.generate()
+        self._capabilities = {**identity_capability(self._identity), **(capabilities or {})}
+        self.session: SecureSession | None = None
         self._poll_wait_s = poll_wait_s
         self.run_id = ""
         self.heartbeat_interval_s = 2.0
@@ -97,8 +104,15 @@ class ParticipantAgent:
             self.finished = True
         return assignment.task
 
+    @property
+    def in_secure_round(self) -> bool:
+        return self.session is not None and not (self.session.done or self.session.aborted)
+
     def step(self, wait_s: float = 0.0) -> bool:
-        """Fetch and carry out at most one task. True if a task was done."""
+        """Carry out at most one task or secure-aggregation step. True if work was done."""
+        if self.in_secure_round:
+            assert self.session is not None
+            return self.session.poll(self._service, wait_s)
         task = self.fetch(wait_s)
         if task is None:
             return False
@@ -132,9 +146,18 @@ class ParticipantAgent:
                 return
 
     # -- work ---------------------------------------------------------------------------
-    def prepare(self, task: Task) -> Update | Evaluation:
-        """Run the trainer on ``task``; what to submit. (No coordinator call: simulations run
-        many of these in parallel, then submit in a fixed order.)"""
+    def prepare(self, task: Task) -> Update | Evaluation | StageMessage | None:
+        """Run the trainer on ``task``; what to submit. (No state-changing coordinator call:
+        simulations run many of these in parallel, then submit in a fixed order.)"""
+        setup = None
+        if task.kind is TaskKind.FIT and task.config.get("secure_aggregation"):
+            answer = self._service.fetch_stage(task.run_id, self.name, task.round,
+                                               SecAggStep.SETUP, self._poll_wait_s)
+            if answer.payload is None:
+                logger.warning("%s: no secure-aggregation setup for round %d: %s", self.name,
+                               task.round, answer.reason)
+                return None
+            setup = answer.payload
         try:
             self._trainer.set_weights(task.parameters)
             if task.kind is TaskKind.FIT:
@@ -142,6 +165,8 @@ class ParticipantAgent:
                 fit = self._trainer.fit(task.config)
                 if not isinstance(fit, FitResult) or not isinstance(fit.parameters, Parameters):
                     raise TrainerError("trainer.fit must return a FitResult with Parameters")
+                if setup is not None:
+                    return self._start_secure(task, setup, fit)
                 return Update(
                     run_id=task.run_id, round=task.round, participant=self.name,
                     num_examples=fit.num_examples, parameters=fit.parameters,
@@ -164,7 +189,32 @@ class ParticipantAgent:
                 f"{self.name}: trainer.{task.kind.value} failed: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def submit(self, result: Update | Evaluation) -> Verdict:
+    def _start_secure(self, task: Task, setup: bytes, fit: FitResult) -> StageMessage | None:
+        try:
+            self.session = SecureSession(name=self.name, task=task, setup_payload=setup,
+                                         identity=self._identity)
+            return self.session.start(fit)
+        except ConclaveError as exc:
+            # e.g. a NaN update cannot be encoded: sit the round out; it goes on without us.
+            logger.warning("%s: not taking part in secure round %d: %s", self.name, task.round,
+                           exc)
+            if self.session is not None:
+                self.session.aborted = str(exc)
+            return None
+
+    def submit(self, result: Update | Evaluation | StageMessage | None) -> Verdict | None:
+        if result is None:
+            return None
+        if isinstance(result, StageMessage):
+            assert self.session is not None
+            task = self.session.task
+            verdict = self._service.submit_stage(task.run_id, self.name, task.round,
+                                                 result.step, result.payload)
+            self.stats.fits += 1
+            if not verdict.accepted:
+                self.session.aborted = verdict.reason
+                self.stats.rejected.append(verdict.reason)
+            return verdict
         if isinstance(result, Update):
             verdict = self._service.submit_update(result)
             self.stats.fits += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,14 +26,24 @@ logger = logging.getLogger(__name__)
 
 
 class SimulatedClock:
-    def __init__(self, start: float = 0.0) -> None:
-        self._now = start
+    """Wall-clock time plus the waits the simulation skipped.
+
+    Time flows as it really does while participants work (so the ledger shows real dates and
+    durations), and jumps ahead to the next deadline when nobody can act, so a simulated
+    straggler or dropout costs no real waiting. Outcomes do not depend on real time: deadlines
+    are only fired when no participant can make progress.
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self._origin = time.time() if start is None else start
+        self._t0 = time.perf_counter()
+        self._skipped = 0.0
 
     def now(self) -> float:
-        return self._now
+        return self._origin + (time.perf_counter() - self._t0) + self._skipped
 
     def advance_to(self, t: float) -> None:
-        self._now = max(self._now, t)
+        self._skipped += max(0.0, t - self.now())
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +89,15 @@ class Simulation:
         with ThreadPoolExecutor(max_workers=self.workers,
                                 thread_name_prefix="conclave-sim") as pool:
             while not self.coordinator.finished:
-                work = [(a, t) for a in self.agents if (t := a.fetch(0.0)) is not None]
+                work = [(a, t) for a in self.agents
+                        if not a.in_secure_round and (t := a.fetch(0.0)) is not None]
                 if work:
                     self._perform(pool, work)
+                    continue
+                secure = [a for a in self.agents if a.in_secure_round]
+                # Secure aggregation sums exactly in a ring: the order of steps cannot change
+                # the result, so sessions advance in parallel.
+                if secure and any(list(pool.map(lambda a: a.step(0.0), secure))):
                     continue
                 due = self.coordinator.next_deadline()
                 if due is None:

@@ -6,9 +6,10 @@ as one shared read-only view (zero-copy: 1,000 virtual participants do not hold 
 a trainer that wants to write must copy, as it must anyway on any transport); an update is
 copied once (one flat buffer copy, no serialisation); mappings are copied. So a participant
 that mutates what it received, or the update it sent, cannot touch the coordinator's state
-(and the other way round). ``Update.digest`` passes through as the sender computed it (no
-re-hashing: both sides share one process and trust each other). Errors the service raises
-reach the caller unchanged.
+(and the other way round). Secure-aggregation stage payloads are immutable ``bytes`` and pass
+through uncopied (a mutable buffer handed over against the types is frozen into ``bytes``).
+``Update.digest`` passes through as the sender computed it (no re-hashing: both sides share
+one process and trust each other). Errors the service raises reach the caller unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from conclave.core.types import (
     HeartbeatReply,
     JoinReply,
     JoinRequest,
+    SecAggStep,
+    StageInput,
     TaskAssignment,
     Update,
     Verdict,
@@ -65,6 +68,19 @@ class MemoryTransport:
     def submit_evaluation(self, evaluation: Evaluation) -> Verdict:
         evaluation = dataclasses.replace(evaluation, metrics=dict(evaluation.metrics))
         return self._service.submit_evaluation(evaluation)
+
+    def fetch_stage(
+        self, run_id: str, participant: str, round: int, step: SecAggStep, wait_s: float
+    ) -> StageInput:
+        stage = self._service.fetch_stage(run_id, participant, round, step, wait_s)
+        if stage.payload is None or type(stage.payload) is bytes:
+            return stage
+        return dataclasses.replace(stage, payload=bytes(stage.payload))
+
+    def submit_stage(
+        self, run_id: str, participant: str, round: int, step: SecAggStep, payload: bytes
+    ) -> Verdict:
+        return self._service.submit_stage(run_id, participant, round, step, bytes(payload))
 
 
 def _read_only(parameters: Parameters) -> Parameters:

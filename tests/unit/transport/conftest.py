@@ -14,6 +14,8 @@ from conclave.core.types import (
     HeartbeatReply,
     JoinReply,
     JoinRequest,
+    SecAggStep,
+    StageInput,
     Task,
     TaskAssignment,
     TaskKind,
@@ -33,6 +35,7 @@ class FakeService:
         self.heartbeat_reply = HeartbeatReply(has_task=True, run_finished=False)
         self.assignment = TaskAssignment(task=None, run_finished=False)
         self.verdict = Verdict(accepted=True, reason="")
+        self.stage = StageInput(payload=None)
         self.fetch_delay_s = 0.0
         self.release = threading.Event()  # set to cut a fetch delay short
         self._lock = threading.Lock()
@@ -75,6 +78,20 @@ class FakeService:
 
     def submit_evaluation(self, evaluation: Evaluation) -> Verdict:
         self._record("submit_evaluation", evaluation)
+        return self.verdict
+
+    def fetch_stage(
+        self, run_id: str, participant: str, round: int, step: SecAggStep, wait_s: float
+    ) -> StageInput:
+        self._record("fetch_stage", (run_id, participant, round, step, wait_s))
+        if self.fetch_delay_s:
+            self.release.wait(self.fetch_delay_s)
+        return self.stage
+
+    def submit_stage(
+        self, run_id: str, participant: str, round: int, step: SecAggStep, payload: bytes
+    ) -> Verdict:
+        self._record("submit_stage", (run_id, participant, round, step, payload))
         return self.verdict
 
 

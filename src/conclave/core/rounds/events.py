@@ -17,6 +17,7 @@ from conclave.core.types import (
     Evaluation,
     Metrics,
     RoundStatus,
+    SecAggStep,
     TaskKind,
     Update,
     Verdict,
@@ -36,6 +37,8 @@ class Timer(enum.Enum):
     JOIN = "join"
     FIT = "fit"
     EVALUATE = "evaluate"
+    SECAGG = "secagg"
+    """The deadline of a secure-aggregation step after the first (which shares FIT's)."""
 
 
 # -- events -----------------------------------------------------------------------------
@@ -47,6 +50,8 @@ class RunStarted:
 @dataclass(frozen=True, slots=True)
 class ParticipantJoined:
     participant: str
+    identity_key: bytes = b""
+    """Raw Ed25519 public key, needed to take part in secure aggregation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,16 @@ class EvaluationReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class StageReceived:
+    """A secure-aggregation stage message from ``participant``."""
+
+    participant: str
+    round: int
+    step: SecAggStep
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class DeadlinePassed:
     timer: Timer
     round: int
@@ -75,7 +90,7 @@ class DeadlinePassed:
 
 Event = (
     RunStarted | ParticipantJoined | ParticipantLost | UpdateReceived | EvaluationReceived
-    | DeadlinePassed
+    | StageReceived | DeadlinePassed
 )
 
 
@@ -117,6 +132,16 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RecordStage:
+    """A secure-aggregation step closed: who completed it, who has dropped so far."""
+
+    round: int
+    step: SecAggStep
+    completed: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CommitRound:
     round: int
     parameters: Parameters
@@ -147,6 +172,6 @@ class FailRun:
 
 
 Command = (
-    StartRound | ArmTimer | RecordContribution | Reply | CommitRound | CloseRound | FinishRun
-    | FailRun
+    StartRound | ArmTimer | RecordContribution | Reply | RecordStage | CommitRound | CloseRound
+    | FinishRun | FailRun
 )

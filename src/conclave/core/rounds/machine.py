@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from conclave.core.aggregation.fedavg import WeightedMean, validate_update
-from conclave.core.errors import InvalidUpdate, LocalProtocolError
+from conclave.core.errors import ConclaveError, InvalidUpdate, LocalProtocolError
 from conclave.core.parameters import Parameters
 from conclave.core.rounds.events import (
     ArmTimer,
@@ -28,13 +28,17 @@ from conclave.core.rounds.events import (
     ParticipantJoined,
     ParticipantLost,
     RecordContribution,
+    RecordStage,
     Reply,
     RunStarted,
     Stage,
+    StageReceived,
     StartRound,
     Timer,
     UpdateReceived,
 )
+from conclave.core.rounds.secure import SecureOutcome, SecureRound
+from conclave.core.secagg.config import Stage as SecAggStage
 from conclave.core.selection.uniform import select_uniform
 from conclave.core.spec import RunSpec
 from conclave.core.types import (
@@ -42,6 +46,8 @@ from conclave.core.types import (
     Evaluation,
     RoundStatus,
     Scalar,
+    SecAggStep,
+    StageInput,
     Task,
     TaskKind,
     Update,
@@ -82,6 +88,8 @@ class RunMachine:
         self._evaluations: dict[str, dict[str, float]] = {}
         self._last_evaluation: dict[str, dict[str, float]] = {}
         self._committed = completed_rounds
+        self._identity: dict[str, bytes] = {}
+        self._secure: SecureRound | None = None
 
     # -- queries ------------------------------------------------------------------------
     @property
@@ -123,7 +131,13 @@ class RunMachine:
             return None
         if participant not in self._selected or participant in self._answered:
             return None
+        if self._secure is not None and (
+            self._secure.step is not SecAggStep.ADVERTISE or participant not in self._secure.pending
+        ):
+            return None
         config: dict[str, Scalar] = dict(self.spec.task.config)
+        if self._secure is not None and self._kind is TaskKind.FIT:
+            config["secure_aggregation"] = True
         config["seed"] = participant_seed(self.spec.seed, self._round, participant)
         config["round"] = self._round
         timeout = (
@@ -141,6 +155,15 @@ class RunMachine:
             digest=self._global_digest,
         )
 
+    def stage_input(self, participant: str, round: int, step: SecAggStep) -> StageInput:
+        """Secure aggregation: what ``participant`` needs for ``step`` (payload None: not yet)."""
+        if self.finished:
+            return StageInput(payload=None, aborted=True, reason=f"the run is {self._stage.value}")
+        if self._secure is None or round != self._round or self._kind is not TaskKind.FIT:
+            return StageInput(payload=None, aborted=True,
+                              reason=f"no secure round {round} in progress (round is {self._round})")
+        return self._secure.input_for(participant, step)
+
     # -- events -------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Command]:
         match event:
@@ -148,7 +171,9 @@ class RunMachine:
                 if self._stage is not Stage.IDLE:
                     raise LocalProtocolError("the run was already started")
                 return self._next_round()
-            case ParticipantJoined(participant=p):
+            case ParticipantJoined(participant=p, identity_key=key):
+                if key:
+                    self._identity[p] = key
                 return self._joined(p)
             case ParticipantLost(participant=p, reason=reason):
                 return self._lost(p, reason)
@@ -156,6 +181,8 @@ class RunMachine:
                 return self._update(u, digest)
             case EvaluationReceived(evaluation=e):
                 return self._evaluation(e)
+            case StageReceived(participant=p, round=r, step=step, payload=payload):
+                return self._stage_message(p, r, step, payload)
             case DeadlinePassed(timer=timer, round=r, attempt=a):
                 return self._deadline(timer, r, a)
         raise LocalProtocolError(f"unknown event {event!r}")
@@ -169,6 +196,8 @@ class RunMachine:
 
     def _lost(self, participant: str, reason: str) -> list[Command]:
         self._available.discard(participant)
+        if self._secure is not None:
+            return []  # the secure round's step deadlines account for it
         if (
             self._stage in (Stage.TRAINING, Stage.EVALUATING)
             and participant in self._selected
@@ -202,14 +231,31 @@ class RunMachine:
                              timeout_s=self.spec.deadlines.join_timeout_s)]
         self._attempt += 1
         rng = np.random.default_rng([self.spec.seed, self._round, self._attempt])
+        candidates = self._available
+        if self.spec.secure_aggregation is not None:
+            candidates = {p for p in self._available if p in self._identity}
         self._selected = select_uniform(
-            self._available, self.spec.selection.participants_per_round, rng
+            candidates, self.spec.selection.participants_per_round, rng
         )
         self._kind = TaskKind.FIT
         self._stage = Stage.TRAINING
         self._answered = set()
         self._agg = WeightedMean(self._global.layout)
         self._metric_sums = {}
+        self._secure = None
+        if self.spec.secure_aggregation is not None:
+            try:
+                self._secure = SecureRound(
+                    run_id=self.run_id, round=self._round, attempt=self._attempt,
+                    run_seed=self.spec.seed, selected=self._selected,
+                    identity_keys=self._identity, spec=self.spec.secure_aggregation,
+                    global_parameters=self._global,
+                )
+            except ConclaveError as exc:
+                self._stage = Stage.FAILED
+                return [FailRun(reason=f"round {self._round}: cannot set up secure "
+                                       f"aggregation among {len(self._selected)} "
+                                       f"participant(s): {exc}")]
         return [
             StartRound(round=self._round, kind=TaskKind.FIT, attempt=self._attempt,
                        selected=self._selected),
@@ -248,30 +294,104 @@ class RunMachine:
         return []
 
     def _close_fit(self) -> list[Command]:
+        if self._secure is not None:
+            return self._close_secure_step()
         needed = self.spec.selection.min_quorum
         if self._agg.count < needed:
-            reason = (
-                f"quorum not reached: {self._agg.count} accepted contribution(s), "
-                f"{needed} needed (attempt {self._attempt} of "
-                f"{self.spec.selection.max_round_attempts})"
+            return self._fail_attempt(
+                f"quorum not reached: {self._agg.count} accepted contribution(s), {needed} needed"
             )
-            cmds: list[Command] = [CloseRound(round=self._round, kind=TaskKind.FIT,
-                                              status=RoundStatus.FAILED, reason=reason)]
-            if self._attempt >= self.spec.selection.max_round_attempts:
-                self._stage = Stage.FAILED
-                return cmds + [FailRun(reason=f"round {self._round}: {reason}")]
-            return cmds + self._begin_fit()
-        self._global = self._agg.result()
-        self._global_digest = self._global.digest()
-        self._committed = self._round
         total = self._agg.total_weight
         metrics = {name: value / total for name, value in self._metric_sums.items()}
         metrics["contributions"] = float(self._agg.count)
         metrics["examples"] = float(total)
-        cmds = [CommitRound(round=self._round, parameters=self._global, metrics=metrics)]
+        return self._commit(self._agg.result(), metrics)
+
+    def _fail_attempt(self, why: str) -> list[Command]:
+        reason = (f"{why} (attempt {self._attempt} of "
+                  f"{self.spec.selection.max_round_attempts})")
+        self._secure = None
+        cmds: list[Command] = [CloseRound(round=self._round, kind=TaskKind.FIT,
+                                          status=RoundStatus.FAILED, reason=reason)]
+        if self._attempt >= self.spec.selection.max_round_attempts:
+            self._stage = Stage.FAILED
+            return cmds + [FailRun(reason=f"round {self._round}: {reason}")]
+        return cmds + self._begin_fit()
+
+    def _commit(self, parameters: Parameters, metrics: dict[str, float]) -> list[Command]:
+        self._global = parameters
+        self._global_digest = parameters.digest()
+        self._committed = self._round
+        self._secure = None
+        cmds: list[Command] = [CommitRound(round=self._round, parameters=parameters,
+                                           metrics=metrics)]
         if self._evaluation_due():
             return cmds + self._begin_evaluation()
         return cmds + self._next_round()
+
+    # -- secure aggregation -------------------------------------------------------------
+    def _stage_message(self, participant: str, round: int, step: SecAggStep,
+                       payload: bytes) -> list[Command]:
+        secure = self._secure
+        if secure is None or round != self._round or self._stage is not Stage.TRAINING:
+            reason = (f"stale {step.value} message for round {round}: no secure round "
+                      f"{round} is collecting")
+            return [Reply(verdict=Verdict(accepted=False, reason=reason))]
+        reason = secure.submit(participant, step, payload)
+        if reason:
+            cmds: list[Command] = [
+                RecordContribution(round=round, kind=TaskKind.FIT, participant=participant,
+                                   status=ContributionStatus.REJECTED,
+                                   reason=f"secure aggregation, {step.value}: {reason}"),
+                Reply(verdict=Verdict(accepted=False, reason=reason)),
+            ]
+        else:
+            cmds = [Reply(verdict=Verdict(accepted=True))]
+        if not secure.pending:
+            cmds += self._close_secure_step()
+        return cmds
+
+    def _close_secure_step(self) -> list[Command]:
+        secure = self._secure
+        assert secure is not None
+        cmds: list[Command] = []
+        while True:
+            step = secure.step
+            missing = tuple(sorted(secure.pending))
+            outcome = secure.close()
+            completions = secure.completions
+            done = tuple(sorted(p for p in completions.get(_STAGE_OF[step], frozenset())))
+            if outcome is None or outcome.mean is not None:
+                cmds.append(RecordStage(round=self._round, step=step, completed=done,
+                                        dropped=missing))
+            if outcome is not None:
+                return cmds + self._secure_outcome(outcome)
+            if secure.pending:
+                timeout = self.spec.secure_aggregation.stage_timeout_s  # type: ignore[union-attr]
+                return cmds + [ArmTimer(timer=Timer.SECAGG, round=self._round,
+                                        attempt=self._attempt, timeout_s=timeout)]
+
+    def _secure_outcome(self, outcome: SecureOutcome) -> list[Command]:
+        cmds: list[Command] = []
+        for p in self._selected:
+            if p in outcome.survivors:
+                cmds.append(RecordContribution(round=self._round, kind=TaskKind.FIT,
+                                               participant=p,
+                                               status=ContributionStatus.ACCEPTED))
+            elif p in outcome.dropped:
+                cmds.append(RecordContribution(round=self._round, kind=TaskKind.FIT,
+                                               participant=p, status=ContributionStatus.DROPPED,
+                                               reason=outcome.dropped[p]))
+        if outcome.mean is None:
+            return cmds + self._fail_attempt(outcome.reason)
+        needed = self.spec.selection.min_quorum
+        if len(outcome.survivors) < needed:
+            return cmds + self._fail_attempt(
+                f"quorum not reached: {len(outcome.survivors)} survivor(s) of secure "
+                f"aggregation, {needed} needed")
+        metrics = {"contributions": float(len(outcome.survivors)),
+                   "secagg_dropped": float(len(outcome.dropped))}
+        return cmds + self._commit(outcome.mean, metrics)
 
     def _close_evaluation(self) -> list[Command]:
         results = self._evaluations
@@ -316,6 +436,8 @@ class RunMachine:
 
     def _update(self, update: Update, digest: str) -> list[Command]:
         reason = self._check_submission(TaskKind.FIT, update.participant, update.round)
+        if not reason and self._secure is not None:
+            reason = "this round uses secure aggregation: submit stage messages, not an update"
         invalid = False
         if not reason:
             try:
@@ -393,6 +515,12 @@ class RunMachine:
                 f"{self.spec.selection.min_participants} needed; waited "
                 f"deadlines.join_timeout_s = {self.spec.deadlines.join_timeout_s} s"
             ))]
+        if timer is Timer.SECAGG or (timer is Timer.FIT and self._secure is not None):
+            if self._stage is not Stage.TRAINING or self._secure is None:
+                return []
+            if timer is Timer.FIT and self._secure.step is not SecAggStep.ADVERTISE:
+                return []
+            return self._close_secure_step()
         expected = Stage.TRAINING if timer is Timer.FIT else Stage.EVALUATING
         if timer is Timer.JOIN or self._stage is not expected:
             return []
@@ -405,6 +533,14 @@ class RunMachine:
                     status=ContributionStatus.DROPPED, reason="no answer before the deadline",
                 ))
         return cmds + self._close()
+
+
+_STAGE_OF = {
+    SecAggStep.ADVERTISE: SecAggStage.ADVERTISE,
+    SecAggStep.SHARE: SecAggStage.SHARE,
+    SecAggStep.MASKED_INPUT: SecAggStage.MASKED_INPUT,
+    SecAggStep.UNMASK: SecAggStage.UNMASK,
+}
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:

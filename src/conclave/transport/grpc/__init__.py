@@ -1,6 +1,7 @@
 """gRPC adapter: the coordinator's server and the participants' client.
 
-Protobuf types stay inside this package; ``serde`` is the only module that converts them.
+Protobuf types stay inside this package; ``serde`` (and ``stage_serde`` for the
+secure-aggregation stage RPCs) are the only modules that convert them.
 """
 
 from conclave.transport.grpc.client import GrpcCoordinatorClient

@@ -19,13 +19,19 @@ from conclave.core.types import (
     HeartbeatReply,
     JoinReply,
     JoinRequest,
+    SecAggStep,
+    StageInput,
     TaskAssignment,
     Update,
     Verdict,
 )
 from conclave.transport.grpc import conclave_pb2_grpc as pb_grpc
-from conclave.transport.grpc import serde
-from conclave.transport.grpc.chunks import DEFAULT_CHUNK_BYTES, message_limit
+from conclave.transport.grpc import serde, stage_serde
+from conclave.transport.grpc.chunks import (
+    DEFAULT_CHUNK_BYTES,
+    default_stage_limit,
+    message_limit,
+)
 from conclave.transport.grpc.status import error_for_rpc
 
 
@@ -40,9 +46,12 @@ def _translated(rpc: str) -> Iterator[None]:
 class GrpcCoordinatorClient:
     """Calls a coordinator's gRPC server; implements ``CoordinatorService``.
 
-    ``timeout_s`` bounds every call; ``fetch_task`` gets ``wait_s + timeout_s`` because the
-    coordinator may hold it open for ``wait_s`` (a long poll). ``chunk_bytes`` must not exceed
-    the server's (both default to 1 MiB). ``protocol_version`` exists for compatibility tests.
+    ``timeout_s`` bounds every call; ``fetch_task`` and ``fetch_stage`` get
+    ``wait_s + timeout_s`` because the coordinator may hold them open for ``wait_s`` (a long
+    poll). ``chunk_bytes`` must not exceed the server's (both default to 1 MiB).
+    ``max_model_bytes`` and ``max_stage_bytes`` (default ``max_model_bytes * 2 + 1 MiB``) cap
+    what this client accepts from the coordinator. ``protocol_version`` exists for
+    compatibility tests.
     """
 
     def __init__(
@@ -52,6 +61,7 @@ class GrpcCoordinatorClient:
         timeout_s: float = 30.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_model_bytes: int = 2**31,
+        max_stage_bytes: int | None = None,
         protocol_version: int = PROTOCOL_VERSION,
     ) -> None:
         if timeout_s <= 0 or chunk_bytes <= 0:
@@ -60,6 +70,9 @@ class GrpcCoordinatorClient:
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
         self._max_model_bytes = max_model_bytes
+        self._max_stage_bytes = (
+            default_stage_limit(max_model_bytes) if max_stage_bytes is None else max_stage_bytes
+        )
         self._version = protocol_version
         options = [
             ("grpc.max_receive_message_length", message_limit(chunk_bytes)),
@@ -106,6 +119,30 @@ class GrpcCoordinatorClient:
         request = serde.evaluation_to_proto(evaluation, self._version)
         with _translated("SubmitEvaluation"):
             reply = self._stub.SubmitEvaluation(request, timeout=self._timeout_s)
+        return serde.verdict_from_proto(reply)
+
+    def fetch_stage(
+        self, run_id: str, participant: str, round: int, step: SecAggStep, wait_s: float
+    ) -> StageInput:
+        wait_s = max(0.0, wait_s)
+        request = stage_serde.fetch_stage_request_to_proto(
+            run_id, participant, round, step, wait_s, self._version
+        )
+        with _translated("FetchStage"):
+            stream = self._stub.FetchStage(request, timeout=wait_s + self._timeout_s)
+            try:
+                return stage_serde.stage_from_messages(stream, max_bytes=self._max_stage_bytes)
+            finally:
+                stream.cancel()  # a no-op once the stream completed; frees it on errors
+
+    def submit_stage(
+        self, run_id: str, participant: str, round: int, step: SecAggStep, payload: bytes
+    ) -> Verdict:
+        messages = stage_serde.stage_upload_messages(
+            run_id, participant, round, step, payload, self._chunk_bytes, self._version
+        )
+        with _translated("SubmitStage"):
+            reply = self._stub.SubmitStage(messages, timeout=self._timeout_s)
         return serde.verdict_from_proto(reply)
 
     def close(self) -> None:

@@ -6,7 +6,8 @@ Conclave wire protocol: participants dial out to the coordinator.
 Every request names the protocol version it speaks; the coordinator rejects any other
 with FAILED_PRECONDITION. Model parameters never travel inside one message: a header
 describes them (layout, digest, total bytes) and the raw little-endian float32 bytes
-follow as chunks, so models of any size fit under gRPC's per-message limit.
+follow as chunks, so models of any size fit under gRPC's per-message limit. Secure
+aggregation stage payloads are opaque bytes and travel the same way.
 
 Regenerate the Python code with `python scripts/gen_protos.py` (never edit it by hand).
 """
@@ -26,6 +27,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SecAggStep:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SecAggStepEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SecAggStep.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEC_AGG_STEP_UNSPECIFIED: _SecAggStep.ValueType  # 0
+    SEC_AGG_STEP_SETUP: _SecAggStep.ValueType  # 1
+    SEC_AGG_STEP_ADVERTISE: _SecAggStep.ValueType  # 2
+    SEC_AGG_STEP_SHARE: _SecAggStep.ValueType  # 3
+    SEC_AGG_STEP_MASKED_INPUT: _SecAggStep.ValueType  # 4
+    SEC_AGG_STEP_UNMASK: _SecAggStep.ValueType  # 5
+
+class SecAggStep(_SecAggStep, metaclass=_SecAggStepEnumTypeWrapper):
+    """Steps of a secure-aggregation round. UNSPECIFIED (a field left unset) is refused."""
+
+SEC_AGG_STEP_UNSPECIFIED: SecAggStep.ValueType  # 0
+SEC_AGG_STEP_SETUP: SecAggStep.ValueType  # 1
+SEC_AGG_STEP_ADVERTISE: SecAggStep.ValueType  # 2
+SEC_AGG_STEP_SHARE: SecAggStep.ValueType  # 3
+SEC_AGG_STEP_MASKED_INPUT: SecAggStep.ValueType  # 4
+SEC_AGG_STEP_UNMASK: SecAggStep.ValueType  # 5
+Global___SecAggStep: _TypeAlias = SecAggStep  # noqa: Y015
 
 class _TaskKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -567,3 +592,154 @@ class Verdict(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
+@_typing.final
+class FetchStageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    WAIT_S_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    run_id: _builtins.str
+    round: _builtins.int
+    participant: _builtins.str
+    step: Global___SecAggStep.ValueType
+    wait_s: _builtins.float
+    """How long the coordinator may hold the call open waiting for the stage's input."""
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        participant: _builtins.str = ...,
+        step: Global___SecAggStep.ValueType = ...,
+        wait_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant", "protocol_version", b"protocol_version", "round", b"round", "run_id", b"run_id", "step", b"step", "wait_s", b"wait_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchStageRequest: _TypeAlias = FetchStageRequest  # noqa: Y015
+
+@_typing.final
+class StageHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    HAS_PAYLOAD_FIELD_NUMBER: _builtins.int
+    ABORTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    has_payload: _builtins.bool
+    """False: nothing yet (or aborted); no chunks follow. True with total_bytes 0: an empty payload."""
+    aborted: _builtins.bool
+    reason: _builtins.str
+    total_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        has_payload: _builtins.bool = ...,
+        aborted: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted", b"aborted", "has_payload", b"has_payload", "protocol_version", b"protocol_version", "reason", b"reason", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageHeader: _TypeAlias = StageHeader  # noqa: Y015
+
+@_typing.final
+class StageMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    @_builtins.property
+    def header(self) -> Global___StageHeader: ...
+    def __init__(
+        self,
+        *,
+        header: Global___StageHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___StageMessage: _TypeAlias = StageMessage  # noqa: Y015
+
+@_typing.final
+class StageUploadHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    run_id: _builtins.str
+    round: _builtins.int
+    participant: _builtins.str
+    step: Global___SecAggStep.ValueType
+    total_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        participant: _builtins.str = ...,
+        step: Global___SecAggStep.ValueType = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant", "protocol_version", b"protocol_version", "round", b"round", "run_id", b"run_id", "step", b"step", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageUploadHeader: _TypeAlias = StageUploadHeader  # noqa: Y015
+
+@_typing.final
+class StageUploadMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    @_builtins.property
+    def header(self) -> Global___StageUploadHeader: ...
+    def __init__(
+        self,
+        *,
+        header: Global___StageUploadHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___StageUploadMessage: _TypeAlias = StageUploadMessage  # noqa: Y015

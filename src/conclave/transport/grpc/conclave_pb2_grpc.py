@@ -59,6 +59,16 @@ class CoordinatorStub:
                 request_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.EvaluationRequest.SerializeToString,
                 response_deserializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.FromString,
                 _registered_method=True)
+        self.FetchStage = channel.unary_stream(
+                '/conclave.v1.Coordinator/FetchStage',
+                request_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.FetchStageRequest.SerializeToString,
+                response_deserializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.StageMessage.FromString,
+                _registered_method=True)
+        self.SubmitStage = channel.stream_unary(
+                '/conclave.v1.Coordinator/SubmitStage',
+                request_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.StageUploadMessage.SerializeToString,
+                response_deserializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -98,6 +108,21 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchStage(self, request, context):
+        """Secure aggregation, long poll: what a participant needs for one step of a round, as
+        one StageHeader, then the opaque payload as raw chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitStage(self, request_iterator, context):
+        """Secure aggregation: one StageUploadHeader, then the opaque payload as raw chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +149,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'SubmitEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitEvaluation,
                     request_deserializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.EvaluationRequest.FromString,
+                    response_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.SerializeToString,
+            ),
+            'FetchStage': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchStage,
+                    request_deserializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.FetchStageRequest.FromString,
+                    response_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.StageMessage.SerializeToString,
+            ),
+            'SubmitStage': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitStage,
+                    request_deserializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.StageUploadMessage.FromString,
                     response_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.SerializeToString,
             ),
     }
@@ -261,6 +296,60 @@ class Coordinator:
             target,
             '/conclave.v1.Coordinator/SubmitEvaluation',
             conclave_dot_transport_dot_grpc_dot_conclave__pb2.EvaluationRequest.SerializeToString,
+            conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/conclave.v1.Coordinator/FetchStage',
+            conclave_dot_transport_dot_grpc_dot_conclave__pb2.FetchStageRequest.SerializeToString,
+            conclave_dot_transport_dot_grpc_dot_conclave__pb2.StageMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitStage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/conclave.v1.Coordinator/SubmitStage',
+            conclave_dot_transport_dot_grpc_dot_conclave__pb2.StageUploadMessage.SerializeToString,
             conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.FromString,
             options,
             channel_credentials,

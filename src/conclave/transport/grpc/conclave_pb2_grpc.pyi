@@ -6,7 +6,8 @@ Conclave wire protocol: participants dial out to the coordinator.
 Every request names the protocol version it speaks; the coordinator rejects any other
 with FAILED_PRECONDITION. Model parameters never travel inside one message: a header
 describes them (layout, digest, total bytes) and the raw little-endian float32 bytes
-follow as chunks, so models of any size fit under gRPC's per-message limit.
+follow as chunks, so models of any size fit under gRPC's per-message limit. Secure
+aggregation stage payloads are opaque bytes and travel the same way.
 
 Regenerate the Python code with `python scripts/gen_protos.py` (never edit it by hand).
 """
@@ -48,6 +49,12 @@ class CoordinatorStub:
     SubmitUpdate: _grpc.StreamUnaryMultiCallable[_conclave_pb2.UpdateMessage, _conclave_pb2.Verdict]
     """One UpdateHeader, then the trained model as raw chunks."""
     SubmitEvaluation: _grpc.UnaryUnaryMultiCallable[_conclave_pb2.EvaluationRequest, _conclave_pb2.Verdict]
+    FetchStage: _grpc.UnaryStreamMultiCallable[_conclave_pb2.FetchStageRequest, _conclave_pb2.StageMessage]
+    """Secure aggregation, long poll: what a participant needs for one step of a round, as
+    one StageHeader, then the opaque payload as raw chunks.
+    """
+    SubmitStage: _grpc.StreamUnaryMultiCallable[_conclave_pb2.StageUploadMessage, _conclave_pb2.Verdict]
+    """Secure aggregation: one StageUploadHeader, then the opaque payload as raw chunks."""
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -61,6 +68,12 @@ class CoordinatorAsyncStub(CoordinatorStub):
     SubmitUpdate: _aio.StreamUnaryMultiCallable[_conclave_pb2.UpdateMessage, _conclave_pb2.Verdict]  # type: ignore[assignment]
     """One UpdateHeader, then the trained model as raw chunks."""
     SubmitEvaluation: _aio.UnaryUnaryMultiCallable[_conclave_pb2.EvaluationRequest, _conclave_pb2.Verdict]  # type: ignore[assignment]
+    FetchStage: _aio.UnaryStreamMultiCallable[_conclave_pb2.FetchStageRequest, _conclave_pb2.StageMessage]  # type: ignore[assignment]
+    """Secure aggregation, long poll: what a participant needs for one step of a round, as
+    one StageHeader, then the opaque payload as raw chunks.
+    """
+    SubmitStage: _aio.StreamUnaryMultiCallable[_conclave_pb2.StageUploadMessage, _conclave_pb2.Verdict]  # type: ignore[assignment]
+    """Secure aggregation: one StageUploadHeader, then the opaque payload as raw chunks."""
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -101,5 +114,23 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _conclave_pb2.EvaluationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_conclave_pb2.Verdict, _abc.Awaitable[_conclave_pb2.Verdict]]: ...
+
+    @_abc_1.abstractmethod
+    def FetchStage(
+        self,
+        request: _conclave_pb2.FetchStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_conclave_pb2.StageMessage], _abc.AsyncIterator[_conclave_pb2.StageMessage]]:
+        """Secure aggregation, long poll: what a participant needs for one step of a round, as
+        one StageHeader, then the opaque payload as raw chunks.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitStage(
+        self,
+        request_iterator: _MaybeAsyncIterator[_conclave_pb2.StageUploadMessage],
+        context: _ServicerContext,
+    ) -> _typing.Union[_conclave_pb2.Verdict, _abc.Awaitable[_conclave_pb2.Verdict]]:
+        """Secure aggregation: one StageUploadHeader, then the opaque payload as raw chunks."""
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

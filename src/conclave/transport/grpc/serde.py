@@ -1,4 +1,5 @@
-"""The one place where protobuf messages become core types and back.
+"""The one place where protobuf messages become core types and back (with ``stage_serde``,
+which does the same for the secure-aggregation stage RPCs).
 
 Nothing outside ``conclave.transport.grpc`` sees a protobuf type: the server and the client
 hand core values (``JoinRequest``, ``Update``, ``Parameters`` ...) to this module and get

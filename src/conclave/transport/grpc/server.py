@@ -3,9 +3,10 @@
 The servicer is thin: check the protocol version, decode (``serde``), call the service,
 encode. Every exception is translated in one place (``status``): expected refusals become
 their status code, anything else is logged here and answered with a generic INTERNAL, so a
-failing service never takes the server down. Uploads are assembled into one buffer of
-exactly the announced size after the header passed its checks, and the service sees an
-update only once every byte arrived and the digest matched.
+failing service never takes the server down. Uploads (models and secure-aggregation stage
+payloads) are assembled only after the header passed its checks (version, size limit), and
+the service sees one only once every announced byte arrived (and a model's digest matched);
+an upload the participant abandons never reaches it.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from conclave.core.errors import LocalProtocolError, TransportError
 from conclave.core.ports import CoordinatorService
 from conclave.transport.grpc import conclave_pb2 as pb
 from conclave.transport.grpc import conclave_pb2_grpc as pb_grpc
-from conclave.transport.grpc import serde
-from conclave.transport.grpc.chunks import DEFAULT_CHUNK_BYTES, message_limit
+from conclave.transport.grpc import serde, stage_serde
+from conclave.transport.grpc.chunks import (
+    DEFAULT_CHUNK_BYTES,
+    default_stage_limit,
+    message_limit,
+)
 from conclave.transport.grpc.status import ERROR_CLASS_KEY, INTERNAL_DETAILS, status_for
 
 _log = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
-_ABANDONED = "SubmitUpdate abandoned by the participant before it completed"
 
 
 def _server_options(chunk_bytes: int) -> list[tuple[str, int]]:
@@ -64,16 +68,39 @@ def _guarded(context: grpc.ServicerContext, rpc: str, call: Callable[[], _R]) ->
         _abort(context, rpc, exc)
 
 
+def _received(context: grpc.ServicerContext, rpc: str, read: Callable[[], _R]) -> _R:
+    """Read a client-streamed upload; a bad one is refused, an abandoned one answers nobody."""
+    try:
+        return read()
+    except grpc.RpcError:
+        # The participant cancelled or disconnected mid-upload: nothing reaches the
+        # service. gRPC knows this error as its own and answers nobody.
+        _log.info("%s abandoned by the participant before it completed", rpc)
+        raise
+    except Exception as exc:
+        if not context.is_active():
+            # A cancelled stream can also just end early; it is still no refusal.
+            _log.info("%s abandoned by the participant before it completed", rpc)
+            context.abort(grpc.StatusCode.CANCELLED, "upload abandoned")
+        _abort(context, rpc, exc)
+
+
 def _check(version: int) -> None:
     serde.check_version(version, peer="participant", local="this coordinator")
 
 
 class _Servicer(pb_grpc.CoordinatorServicer):
     def __init__(
-        self, service: CoordinatorService, *, max_model_bytes: int, chunk_bytes: int
+        self,
+        service: CoordinatorService,
+        *,
+        max_model_bytes: int,
+        max_stage_bytes: int,
+        chunk_bytes: int,
     ) -> None:
         self._service = service
         self._max_model_bytes = max_model_bytes
+        self._max_stage_bytes = max_stage_bytes
         self._chunk_bytes = chunk_bytes
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
@@ -110,21 +137,11 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.UpdateMessage], context: grpc.ServicerContext
     ) -> pb.Verdict:
-        try:
-            update = serde.update_from_messages(
-                request_iterator, max_bytes=self._max_model_bytes
-            )
-        except grpc.RpcError:
-            # The participant cancelled or disconnected mid-upload: nothing reaches the
-            # service. gRPC knows this error as its own and answers nobody.
-            _log.info(_ABANDONED)
-            raise
-        except Exception as exc:
-            if not context.is_active():
-                # A cancelled stream can also just end early; it is still no refusal.
-                _log.info(_ABANDONED)
-                context.abort(grpc.StatusCode.CANCELLED, "upload abandoned")
-            _abort(context, "SubmitUpdate", exc)
+        update = _received(
+            context,
+            "SubmitUpdate",
+            lambda: serde.update_from_messages(request_iterator, max_bytes=self._max_model_bytes),
+        )
         return _guarded(
             context,
             "SubmitUpdate",
@@ -141,9 +158,45 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
         return _guarded(context, "SubmitEvaluation", call)
 
+    def FetchStage(
+        self, request: pb.FetchStageRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StageMessage]:
+        def call() -> Iterator[pb.StageMessage]:
+            _check(request.protocol_version)
+            fetch = stage_serde.fetch_stage_request_from_proto(request)
+            stage = self._service.fetch_stage(
+                fetch.run_id, fetch.participant, fetch.round, fetch.step, fetch.wait_s
+            )
+            return stage_serde.stage_messages(stage, self._chunk_bytes)
+
+        yield from _guarded(context, "FetchStage", call)
+
+    def SubmitStage(
+        self, request_iterator: Iterator[pb.StageUploadMessage], context: grpc.ServicerContext
+    ) -> pb.Verdict:
+        sub = _received(
+            context,
+            "SubmitStage",
+            lambda: stage_serde.stage_submission_from_messages(
+                request_iterator, max_bytes=self._max_stage_bytes
+            ),
+        )
+
+        def call() -> pb.Verdict:
+            verdict = self._service.submit_stage(
+                sub.run_id, sub.participant, sub.round, sub.step, sub.payload
+            )
+            return serde.verdict_to_proto(verdict)
+
+        return _guarded(context, "SubmitStage", call)
+
 
 class GrpcServer:
-    """Serves ``service`` over gRPC. ``start()`` returns the bound ``host:port``."""
+    """Serves ``service`` over gRPC. ``start()`` returns the bound ``host:port``.
+
+    ``max_model_bytes`` caps an uploaded model, ``max_stage_bytes`` a secure-aggregation
+    stage payload (default: ``max_model_bytes * 2 + 1 MiB``); both limits are inclusive.
+    """
 
     def __init__(
         self,
@@ -151,13 +204,22 @@ class GrpcServer:
         address: str = "127.0.0.1:0",
         *,
         max_model_bytes: int = 2**31,
+        max_stage_bytes: int | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_workers: int = 32,
     ) -> None:
-        if chunk_bytes <= 0 or max_model_bytes < 0 or max_workers <= 0:
-            raise ValueError("chunk_bytes and max_workers must be positive, max_model_bytes >= 0")
+        if max_stage_bytes is None:
+            max_stage_bytes = default_stage_limit(max_model_bytes)
+        if chunk_bytes <= 0 or max_workers <= 0 or min(max_model_bytes, max_stage_bytes) < 0:
+            raise ValueError(
+                "chunk_bytes and max_workers must be positive, max_model_bytes and "
+                "max_stage_bytes >= 0"
+            )
         self._servicer = _Servicer(
-            service, max_model_bytes=max_model_bytes, chunk_bytes=chunk_bytes
+            service,
+            max_model_bytes=max_model_bytes,
+            max_stage_bytes=max_stage_bytes,
+            chunk_bytes=chunk_bytes,
         )
         self._requested = address
         self._chunk_bytes = chunk_bytes

@@ -1,0 +1,118 @@
+"""The participant's side of a secure-aggregation round, driven step by step.
+
+After training, the participant never sends its update. It sends the change to the global
+model, clipped, example-weighted and fixed-point encoded, hidden under pairwise and self masks
+that cancel only in the sum over survivors (SecAgg+). ``poll`` advances one step whenever the
+coordinator has the input for it, so the same session runs in a blocking participant process
+(long polls) and in a simulation (non-blocking polls).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from conclave.core.errors import ConclaveError, RemoteProtocolError
+from conclave.core.ports import CoordinatorService
+from conclave.core.secagg.messages import KeyBundle, ShareBundle, UnmaskRequest
+from conclave.core.secagg.participant import SecAggParticipant
+from conclave.core.secagg.setup import IDENTITY_CAPABILITY, SecAggSetup
+from conclave.core.types import FitResult, SecAggStep, Task
+
+logger = logging.getLogger(__name__)
+
+
+def identity_capability(key: Ed25519PrivateKey) -> dict[str, str]:
+    """The Join capability that lets a participant take part in secure aggregation."""
+    raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return {IDENTITY_CAPABILITY: raw.hex()}
+
+
+@dataclass(slots=True)
+class StageMessage:
+    step: SecAggStep
+    payload: bytes
+
+
+class SecureSession:
+    """One participant in one secure round."""
+
+    def __init__(self, *, name: str, task: Task, setup_payload: bytes,
+                 identity: Ed25519PrivateKey) -> None:
+        self.name = name
+        self.task = task
+        setup = SecAggSetup.from_bytes(setup_payload)
+        if setup.run_id != task.run_id or setup.round != task.round:
+            raise RemoteProtocolError("secure-aggregation setup is for another run or round")
+        own = identity.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        if setup.identity_keys.get(name) != own:
+            raise RemoteProtocolError(
+                "the coordinator's setup does not carry this participant's identity key")
+        if setup.vector_length != task.parameters.layout.size + 1:
+            raise RemoteProtocolError("secure-aggregation setup has the wrong vector length")
+        self.setup = setup
+        self._codec = setup.codec()
+        self._machine = SecAggParticipant(config=setup.config(), participant_id=name,
+                                          identity_key=identity,
+                                          identity_keys=setup.public_keys())
+        self._encoded: np.ndarray | None = None
+        self.next_step = SecAggStep.ADVERTISE
+        self.done = False
+        self.aborted = ""
+
+    def start(self, fit: FitResult) -> StageMessage:
+        """Encode the trained model's change and produce the ADVERTISE message."""
+        delta = fit.parameters.flat.astype(np.float64) - self.task.parameters.flat
+        weight = min(max(int(fit.num_examples), 0), self.setup.max_weight)
+        self._encoded = self._codec.encode_weighted(delta, weight, self.setup.max_weight)
+        msg = StageMessage(SecAggStep.ADVERTISE, self._machine.advertise().to_bytes())
+        self.next_step = SecAggStep.SHARE
+        return msg
+
+    def poll(self, service: CoordinatorService, wait_s: float) -> bool:
+        """Fetch the input for the next step and, if it is there, answer it. True if a step
+        was done (or the session ended)."""
+        if self.done or self.aborted:
+            return False
+        answer = service.fetch_stage(self.task.run_id, self.name, self.task.round,
+                                     self.next_step, wait_s)
+        if answer.aborted:
+            self.aborted = answer.reason or "aborted by the coordinator"
+            logger.info("%s: secure round %d ended for us: %s", self.name, self.task.round,
+                        self.aborted)
+            return True
+        if answer.payload is None:
+            return False
+        try:
+            message = self._answer(answer.payload)
+        except ConclaveError as exc:
+            self.aborted = f"refused to continue: {exc}"
+            logger.warning("%s: secure round %d: %s", self.name, self.task.round, self.aborted)
+            return True
+        verdict = service.submit_stage(self.task.run_id, self.name, self.task.round,
+                                       message.step, message.payload)
+        if not verdict.accepted:
+            self.aborted = f"{message.step.value} rejected: {verdict.reason}"
+            logger.warning("%s: secure round %d: %s", self.name, self.task.round, self.aborted)
+        elif message.step is SecAggStep.UNMASK:
+            self.done = True
+        return True
+
+    def _answer(self, payload: bytes) -> StageMessage:
+        step = self.next_step
+        if step is SecAggStep.SHARE:
+            out = self._machine.receive_keys(KeyBundle.from_bytes(payload)).to_bytes()
+            self.next_step = SecAggStep.MASKED_INPUT
+        elif step is SecAggStep.MASKED_INPUT:
+            assert self._encoded is not None
+            masked = self._machine.masked_input(self._encoded, ShareBundle.from_bytes(payload))
+            out = masked.to_bytes()
+            self._encoded = None
+            self.next_step = SecAggStep.UNMASK
+        else:
+            out = self._machine.unmask(UnmaskRequest.from_bytes(payload)).to_bytes()
+        return StageMessage(step, out)
