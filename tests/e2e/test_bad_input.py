@@ -44,11 +44,10 @@ name = "bad-input"
 rounds = 3
 seed = 3
 [task]
-trainer = "conclave.tasks.heart_disease:make_trainer"
-[task.config]
-local_steps = 20
-batch_size = 4
-lr = 0.001
+trainer = "conclave.trainers.noise:make_trainer"
+[task.options]
+dim = "1000"
+delay_s = "1.5"
 [selection]
 min_participants = 4
 min_quorum = 3
@@ -153,13 +152,16 @@ def test_misbehaving_participant_cannot_break_the_run(tmp_path: Path) -> None:
         _oversized(address)
         for i in range(3):
             procs.append(_start(["participant", "--coordinator", address, "--name",
-                                 f"hospital-{i}"], tmp_path / f"hospital-{i}.log"))
+                                 f"hospital-{i}", "--trainer",
+                                 "conclave.trainers.noise:make_trainer",
+                                 "--option", "dim=1000", "--option", "delay_s=1.5"],
+                                tmp_path / f"hospital-{i}.log"))
         client = GrpcCoordinatorClient(address, timeout_s=20)
         with pytest.raises(RemoteProtocolError, match="unknown participant 'mallory'"):
             client.join(JoinRequest(participant="mallory"))
         run_id = client.join(JoinRequest(participant="hospital-3")).run_id
 
-        # round 1: NaN, then a retry (duplicate), wrong shapes from nobody else's slot
+        # round 1 (the honest participants take 1.5 s to train): NaN, then a retry (duplicate)
         t1 = _task(client, run_id, TaskKind.FIT, 1)
         nan = t1.parameters.copy()
         nan.flat[0] = np.nan
@@ -176,7 +178,7 @@ def test_misbehaving_participant_cannot_break_the_run(tmp_path: Path) -> None:
         t2 = _task(client, run_id, TaskKind.FIT, 2)
         v = client.submit_update(_update(t1, t1.parameters))
         assert not v.accepted and "stale" in v.reason
-        wrong = Parameters.from_arrays({"weight": np.zeros((1, 5), np.float32)})
+        wrong = Parameters.from_arrays({"vector": np.zeros((1, 5), np.float32)})
         v = client.submit_update(_update(t2, wrong))
         assert not v.accepted and "wrong shapes" in v.reason
 
@@ -189,7 +191,7 @@ def test_misbehaving_participant_cannot_break_the_run(tmp_path: Path) -> None:
         t4 = _task(client, run_id, TaskKind.EVALUATE, 3)
         v = client.submit_evaluation(Evaluation(run_id=run_id, round=t4.round,
                                                 participant="hospital-3", loss=0.7,
-                                                num_examples=45, metrics={"accuracy": 0.5}))
+                                                num_examples=1, metrics={"accuracy": 0.5}))
         assert v.accepted
         assert coord.wait(timeout=60) == 0, coord_log.read_text()
         client.close()

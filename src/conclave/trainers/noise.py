@@ -3,10 +3,13 @@
 It measures the framework, not the model: benchmarks use it (the same workload Flower is
 measured on in PEERS.md), and it is a quick way to check a deployment's plumbing.
 Factory options: ``dim`` (model size, default 100000), ``sigma`` (default 1e-3),
-``examples`` (the example count it reports, default 1).
+``examples`` (the example count it reports, default 1), ``delay_s`` (seconds each fit takes,
+default 0: a slow participant, for tests of deadlines and stragglers).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -16,7 +19,9 @@ from conclave.core.types import Config, EvaluateResult, FitResult, TrainerContex
 
 
 class NoiseTrainer:
-    def __init__(self, *, dim: int, sigma: float, examples: int, seed: int) -> None:
+    def __init__(self, *, dim: int, sigma: float, examples: int, seed: int,
+                 delay_s: float = 0.0) -> None:
+        self._delay_s = delay_s
         self._layout = Layout.of({"vector": (dim,)})
         self._sigma = np.float32(sigma)
         self._examples = examples
@@ -31,6 +36,8 @@ class NoiseTrainer:
         self._weights = parameters
 
     def fit(self, config: Config) -> FitResult:
+        if self._delay_s > 0:
+            time.sleep(self._delay_s)
         if self._sigma == 0:
             out = self._weights.flat.copy()
         else:
@@ -51,8 +58,10 @@ def make_trainer(ctx: TrainerContext) -> NoiseTrainer:
         dim = int(ctx.options.get("dim", "100000"))
         sigma = float(ctx.options.get("sigma", "1e-3"))
         examples = int(ctx.options.get("examples", "1"))
+        delay_s = float(ctx.options.get("delay_s", "0"))
     except ValueError as exc:
         raise ConfigError("task.options", dict(ctx.options), f"numbers for dim/sigma/examples ({exc})") from exc
-    if dim < 1 or examples < 1 or not sigma >= 0:
-        raise ConfigError("task.options", dict(ctx.options), "dim >= 1, examples >= 1, sigma >= 0")
-    return NoiseTrainer(dim=dim, sigma=sigma, examples=examples, seed=ctx.seed)
+    if dim < 1 or examples < 1 or not sigma >= 0 or not 0 <= delay_s < 3600:
+        raise ConfigError("task.options", dict(ctx.options),
+                          "dim >= 1, examples >= 1, sigma >= 0, 0 <= delay_s < 3600")
+    return NoiseTrainer(dim=dim, sigma=sigma, examples=examples, seed=ctx.seed, delay_s=delay_s)

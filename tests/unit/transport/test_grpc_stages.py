@@ -146,7 +146,7 @@ def test_unspecified_or_unknown_step_is_refused(small, fake, value):
     server, client = small
     expected = "is unspecified (SEC_AGG_STEP_UNSPECIFIED)" if value == 0 else "unknown"
     request = stage_serde.fetch_stage_request_to_proto("run-7", "p0", 1, SecAggStep.SETUP, 0.0)
-    request.step = value  # type: ignore[assignment]
+    request.step = value
     with grpc.insecure_channel(server.address) as channel:
         stream = pb_grpc.CoordinatorStub(channel).FetchStage(request, timeout=10)
         with pytest.raises(grpc.RpcError) as info:
@@ -156,7 +156,7 @@ def test_unspecified_or_unknown_step_is_refused(small, fake, value):
     assert type(error_for_rpc("FetchStage", info.value)) is RemoteProtocolError
 
     messages = upload()
-    messages[0].header.step = value  # type: ignore[assignment]
+    messages[0].header.step = value
     error = raw_submit(server.address, messages)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in error.details()
@@ -213,7 +213,7 @@ def test_stage_limit_defaults_from_the_model_limit_and_is_inclusive(fake):
             assert client.submit_stage("r", "p", 2, SecAggStep.SHARE, b"0123456789").accepted
             with pytest.raises(InvalidUpdate, match="exceeds the limit of 10 bytes"):
                 client.submit_stage("r", "p", 2, SecAggStep.SHARE, b"0123456789a")
-    assert [arg[2] for name, arg in fake.calls] == [1, 2]  # type: ignore[index]
+    assert [arg[2] for name, arg in fake.calls] == [1, 2]
 
 
 @pytest.mark.parametrize("how", ["cancel", "close-channel"])
@@ -325,7 +325,7 @@ def test_memory_transport_passes_stages_through(fake):
     )
     received = fake.last("submit_stage")
     assert received == ("run-7", "p0", 3, SecAggStep.MASKED_INPUT, PAYLOAD)
-    assert received[4] is PAYLOAD  # type: ignore[index]
+    assert received[4] is PAYLOAD
 
     error = RemoteProtocolError("no such round")
     fake.error = error
@@ -339,7 +339,7 @@ def test_memory_transport_freezes_a_mutable_buffer(fake):
     buffer = bytearray(b"mask")
     transport.submit_stage("run-7", "p0", 1, SecAggStep.UNMASK, buffer)  # type: ignore[arg-type]
     buffer[:] = b"XXXX"
-    assert fake.last("submit_stage")[4] == b"mask"  # type: ignore[index]
+    assert fake.last("submit_stage")[4] == b"mask"
     fake.stage = StageInput(payload=bytearray(b"keys"))  # type: ignore[arg-type]
     fetched = transport.fetch_stage("run-7", "p0", 1, SecAggStep.SHARE, 0.0)
     assert type(fetched.payload) is bytes and fetched.payload == b"keys"
