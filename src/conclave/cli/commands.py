@@ -49,7 +49,8 @@ def _make_coordinator(spec: RunSpec, ledger: Ledger, progress: RoundProgress | N
 
 # -- simulate -------------------------------------------------------------------------------
 def simulate(args: argparse.Namespace) -> int:
-    spec = read_spec(args.spec).with_overrides(rounds=args.rounds)
+    spec = read_spec(args.spec).with_overrides(rounds=args.rounds,
+                                                secure_aggregation=args.secure_aggregation)
     ledger: Ledger = SqliteLedger(args.state_dir) if args.state_dir else MemoryLedger()
     progress = RoundProgress(spec.rounds, evaluates_every_round=spec.evaluation.every_rounds == 1)
     try:
@@ -138,7 +139,8 @@ def _join_with_retry(agent: ParticipantAgent, timeout_s: float) -> None:
 def demo(args: argparse.Namespace) -> int:
     from conclave.tasks.heart_disease import FLAMBY_BASELINES
 
-    spec = read_spec("heart-disease").with_overrides(rounds=args.rounds)
+    spec = read_spec("heart-disease").with_overrides(rounds=args.rounds,
+                                                      secure_aggregation=args.secure_aggregation)
     trainer = args.trainer or spec.task.trainer
     state_dir: Path = args.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -150,8 +152,9 @@ def demo(args: argparse.Namespace) -> int:
     server = GrpcServer(coord, "127.0.0.1:0", max_model_bytes=spec.federation.max_model_bytes)
     address = server.start()
     names = spec.federation.participants
+    secure = " with SecAgg+ secure aggregation" if spec.secure_aggregation else ""
     print(f"Conclave demo: Fed-Heart-Disease, {len(names)} hospitals as separate processes, "
-          f"{spec.rounds} rounds of FedAvg over gRPC at {address}")
+          f"{spec.rounds} rounds of FedAvg{secure} over gRPC at {address}")
     print(f"run {coord.run_id}; participant logs in {logs}/")
     procs: list[subprocess.Popen[bytes]] = []
     interrupted = False

@@ -62,12 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=None)
     demo.add_argument("--trainer", default=None,
                       help="trainer factory module:attribute (default: the spec's)")
+    demo.add_argument("--secure-aggregation", action="store_true",
+                      help="SecAgg+: the coordinator learns only the sum of the updates")
 
     sim = sub.add_parser("simulate", help="run a spec with virtual participants in one process")
     sim.add_argument("spec", help="run spec TOML file, or 'heart-disease'")
     sim.add_argument("--state-dir", type=Path, default=None,
                      help="keep the ledger and checkpoints here (default: in memory)")
     sim.add_argument("--rounds", type=int, default=None)
+    sim.add_argument("--secure-aggregation", action="store_true",
+                     help="turn on [secure_aggregation] with its defaults")
 
     coord = sub.add_parser("coordinator", help="serve one run over gRPC")
     coord.add_argument("--spec", required=True, help="run spec TOML file, or 'heart-disease'")

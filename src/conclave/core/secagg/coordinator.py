@@ -91,7 +91,10 @@ class SecAggCoordinator:
         self._rejected: dict[str, str] = {}
         self._adverts: dict[str, AdvertiseKeys] = {}
         self._share_keys: dict[str, ShareKeys] = {}
-        self._masked: dict[str, npt.NDArray[np.unsignedinteger]] = {}
+        # Masked inputs are summed as they arrive (exact, mod 2^bits), so the coordinator holds
+        # one vector however many participants report.
+        self._masked: set[str] = set()
+        self._masked_sum: npt.NDArray[np.unsignedinteger] | None = None
         self._responders: set[str] = set()
         self._revealed: dict[str, ShareKind] = {}
         self._shares: dict[str, dict[int, bytes]] = {}  # owner -> x -> share data
@@ -196,7 +199,10 @@ class SecAggCoordinator:
                 raise RemoteProtocolError(
                     f"masked input must be {cfg.vector_length} elements of {cfg.bits} bits"
                 )
-        self._masked[who] = msg.vector.astype(cfg.dtype)
+        if self._masked_sum is None:
+            self._masked_sum = np.zeros(cfg.vector_length, dtype=cfg.dtype)
+        np.add(self._masked_sum, msg.vector, out=self._masked_sum, dtype=cfg.dtype)
+        self._masked.add(who)
 
     def close_masked_input(self) -> UnmaskRequest:
         """End MASKED_INPUT; check every needed secret is recoverable; ask survivors to unmask."""
@@ -273,16 +279,15 @@ class SecAggCoordinator:
             self._fail()
             raise
         self._stage = Stage.DONE
-        self._masked.clear()
+        self._masked_sum = None
         return AggregateResult(vector=total, survivors=u3)
 
     def _unmasked_sum(
         self, owners: list[str], u3: frozenset[str]
     ) -> npt.NDArray[np.unsignedinteger]:
         cfg = self._cfg
-        total = np.zeros(cfg.vector_length, dtype=cfg.dtype)
-        for vec in self._masked.values():
-            total += vec
+        total = (np.zeros(cfg.vector_length, dtype=cfg.dtype) if self._masked_sum is None
+                 else self._masked_sum.copy())
         for owner in owners:
             secret = shamir.reconstruct_secret(
                 [shamir.Share(x=x, data=d) for x, d in self._shares[owner].items()],
@@ -358,5 +363,5 @@ class SecAggCoordinator:
 
     def _fail(self) -> None:
         self._stage = Stage.ERROR
-        self._masked.clear()
+        self._masked_sum = None
         self._shares.clear()
