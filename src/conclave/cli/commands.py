@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -17,10 +17,10 @@ from typing import Any
 from conclave.cli.main import read_spec, write_summary
 from conclave.cli.progress import RoundProgress
 from conclave.coordinator.service import Coordinator, RoundTiming
-from conclave.core.errors import TransportError
+from conclave.core.errors import ConfigError, TransportError
 from conclave.core.ports import Ledger
 from conclave.core.spec import RunSpec
-from conclave.core.types import TaskKind, TrainerContext
+from conclave.core.types import SecAggStep, TaskKind, TrainerContext
 from conclave.ledger.memory import MemoryLedger
 from conclave.ledger.sqlite import SqliteLedger
 from conclave.participant.agent import ParticipantAgent, load_trainer_factory
@@ -108,10 +108,12 @@ def participant(args: argparse.Namespace) -> int:
     from conclave.cli.main import _parse_options
 
     factory = load_trainer_factory(args.trainer)
+    crash = _crash_hook(args.crash_at)
     client = GrpcCoordinatorClient(args.coordinator)
     try:
         agent = ParticipantAgent.from_factory(name=args.name, service=client, factory=factory,
-                                              options=_parse_options(args.option))
+                                              options=_parse_options(args.option),
+                                              before_send=crash)
         _join_with_retry(agent, args.connect_timeout)
         stats = agent.run()
     finally:
@@ -119,6 +121,24 @@ def participant(args: argparse.Namespace) -> int:
     print(f"{args.name}: run finished; {stats.fits} fit and {stats.evaluations} evaluation "
           f"task(s) done, {len(stats.rejected)} rejected", flush=True)
     return 0
+
+
+def _crash_hook(spec: str | None) -> Callable[[SecAggStep, int], None] | None:
+    if spec is None:
+        return None
+    step_name, _, round_text = spec.partition(":")
+    try:
+        step, round_ = SecAggStep(step_name), int(round_text)
+    except ValueError:
+        raise ConfigError("--crash-at", spec, "STEP:ROUND with STEP one of advertise, share, "
+                          "masked_input, unmask") from None
+
+    def hook(at: SecAggStep, rnd: int) -> None:
+        if (at, rnd) == (step, round_):
+            print(f"crash-at {spec}: exiting now", flush=True)
+            os._exit(137)
+
+    return hook
 
 
 def _join_with_retry(agent: ParticipantAgent, timeout_s: float) -> None:

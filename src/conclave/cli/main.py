@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="passed to the trainer factory (data paths and the like)")
     part.add_argument("--connect-timeout", type=float, default=60.0,
                       help="seconds to keep retrying the first connection")
+    part.add_argument("--crash-at", default=None, metavar="STEP:ROUND",
+                      help="fault injection for tests: exit at once (no goodbye, like a "
+                           "power cut) just before sending secure-aggregation STEP "
+                           "(advertise, share, masked_input, unmask) in ROUND")
 
     ledger = sub.add_parser("ledger", help="read a state directory's ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)

@@ -11,7 +11,7 @@ import importlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -68,7 +68,9 @@ class ParticipantAgent:
         capabilities: Mapping[str, str] | None = None,
         poll_wait_s: float = 5.0,
         identity: Ed25519PrivateKey | None = None,
+        before_send: Callable[[SecAggStep, int], None] | None = None,
     ) -> None:
+        self._before_send = before_send
         self.name = name
         self._service = service
         self._trainer = trainer
@@ -85,9 +87,11 @@ class ParticipantAgent:
     def from_factory(
         cls, *, name: str, service: CoordinatorService, factory: TrainerFactory,
         options: Mapping[str, str] | None = None, seed: int = 0, poll_wait_s: float = 5.0,
+        before_send: Callable[[SecAggStep, int], None] | None = None,
     ) -> ParticipantAgent:
         trainer = factory(TrainerContext(participant=name, seed=seed, options=dict(options or {})))
-        return cls(name=name, service=service, trainer=trainer, poll_wait_s=poll_wait_s)
+        return cls(name=name, service=service, trainer=trainer, poll_wait_s=poll_wait_s,
+                   before_send=before_send)
 
     # -- protocol -----------------------------------------------------------------------
     def join(self) -> None:
@@ -192,7 +196,8 @@ class ParticipantAgent:
     def _start_secure(self, task: Task, setup: bytes, fit: FitResult) -> StageMessage | None:
         try:
             self.session = SecureSession(name=self.name, task=task, setup_payload=setup,
-                                         identity=self._identity)
+                                         identity=self._identity,
+                                         before_send=self._before_send)
             return self.session.start(fit)
         except ConclaveError as exc:
             # e.g. a NaN update cannot be encoded: sit the round out; it goes on without us.

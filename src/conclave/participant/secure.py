@@ -10,6 +10,7 @@ coordinator has the input for it, so the same session runs in a blocking partici
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +43,10 @@ class SecureSession:
     """One participant in one secure round."""
 
     def __init__(self, *, name: str, task: Task, setup_payload: bytes,
-                 identity: Ed25519PrivateKey) -> None:
+                 identity: Ed25519PrivateKey,
+                 before_send: Callable[[SecAggStep, int], None] | None = None) -> None:
         self.name = name
+        self._before_send = before_send
         self.task = task
         setup = SecAggSetup.from_bytes(setup_payload)
         if setup.run_id != task.run_id or setup.round != task.round:
@@ -71,6 +74,8 @@ class SecureSession:
         self._encoded = self._codec.encode_weighted(delta, weight, self.setup.max_weight)
         msg = StageMessage(SecAggStep.ADVERTISE, self._machine.advertise().to_bytes())
         self.next_step = SecAggStep.SHARE
+        if self._before_send is not None:
+            self._before_send(SecAggStep.ADVERTISE, self.task.round)
         return msg
 
     def poll(self, service: CoordinatorService, wait_s: float) -> bool:
@@ -93,6 +98,8 @@ class SecureSession:
             self.aborted = f"refused to continue: {exc}"
             logger.warning("%s: secure round %d: %s", self.name, self.task.round, self.aborted)
             return True
+        if self._before_send is not None:
+            self._before_send(message.step, self.task.round)
         verdict = service.submit_stage(self.task.run_id, self.name, self.task.round,
                                        message.step, message.payload)
         if not verdict.accepted:
