@@ -123,7 +123,7 @@ def participant(args: argparse.Namespace) -> int:
     return 0
 
 
-def _crash_hook(spec: str | None) -> Callable[[SecAggStep, int], None] | None:
+def _crash_hook(spec: str | None) -> Callable[[SecAggStep, int], bool | None] | None:
     if spec is None:
         return None
     step_name, _, round_text = spec.partition(":")
@@ -133,10 +133,11 @@ def _crash_hook(spec: str | None) -> Callable[[SecAggStep, int], None] | None:
         raise ConfigError("--crash-at", spec, "STEP:ROUND with STEP one of advertise, share, "
                           "masked_input, unmask") from None
 
-    def hook(at: SecAggStep, rnd: int) -> None:
+    def hook(at: SecAggStep, rnd: int) -> bool:
         if (at, rnd) == (step, round_):
             print(f"crash-at {spec}: exiting now", flush=True)
             os._exit(137)
+        return True
 
     return hook
 

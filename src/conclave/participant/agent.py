@@ -68,7 +68,7 @@ class ParticipantAgent:
         capabilities: Mapping[str, str] | None = None,
         poll_wait_s: float = 5.0,
         identity: Ed25519PrivateKey | None = None,
-        before_send: Callable[[SecAggStep, int], None] | None = None,
+        before_send: Callable[[SecAggStep, int], bool | None] | None = None,
     ) -> None:
         self._before_send = before_send
         self.name = name
@@ -77,6 +77,7 @@ class ParticipantAgent:
         self._identity = identity or Ed25519PrivateKey.generate()
         self._capabilities = {**identity_capability(self._identity), **(capabilities or {})}
         self.session: SecureSession | None = None
+        self._last_task: tuple[str, int, str, object] | None = None
         self._poll_wait_s = poll_wait_s
         self.run_id = ""
         self.heartbeat_interval_s = 2.0
@@ -87,7 +88,7 @@ class ParticipantAgent:
     def from_factory(
         cls, *, name: str, service: CoordinatorService, factory: TrainerFactory,
         options: Mapping[str, str] | None = None, seed: int = 0, poll_wait_s: float = 5.0,
-        before_send: Callable[[SecAggStep, int], None] | None = None,
+        before_send: Callable[[SecAggStep, int], bool | None] | None = None,
     ) -> ParticipantAgent:
         trainer = factory(TrainerContext(participant=name, seed=seed, options=dict(options or {})))
         return cls(name=name, service=service, trainer=trainer, poll_wait_s=poll_wait_s,
@@ -102,11 +103,19 @@ class ParticipantAgent:
         logger.info("%s joined run %s at round %d", self.name, reply.run_id, reply.current_round)
 
     def fetch(self, wait_s: float = 0.0) -> Task | None:
-        """Ask for a task (waiting up to ``wait_s``); notes when the run is over."""
+        """Ask for a task (waiting up to ``wait_s``); notes when the run is over. A task this
+        agent already worked on (same run, round, kind and attempt) is not taken twice."""
         assignment = self._service.fetch_task(self.run_id, self.name, wait_s)
         if assignment.run_finished:
             self.finished = True
-        return assignment.task
+        task = assignment.task
+        if task is None:
+            return None
+        key = (task.run_id, task.round, task.kind.value, task.config.get("attempt"))
+        if key == self._last_task:
+            return None
+        self._last_task = key
+        return task
 
     @property
     def in_secure_round(self) -> bool:

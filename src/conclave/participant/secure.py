@@ -44,7 +44,7 @@ class SecureSession:
 
     def __init__(self, *, name: str, task: Task, setup_payload: bytes,
                  identity: Ed25519PrivateKey,
-                 before_send: Callable[[SecAggStep, int], None] | None = None) -> None:
+                 before_send: Callable[[SecAggStep, int], bool | None] | None = None) -> None:
         self.name = name
         self._before_send = before_send
         self.task = task
@@ -67,15 +67,22 @@ class SecureSession:
         self.done = False
         self.aborted = ""
 
-    def start(self, fit: FitResult) -> StageMessage:
+    def _crashes_before(self, step: SecAggStep) -> bool:
+        """Fault injection: the hook returns False to make this participant vanish here."""
+        if self._before_send is not None and self._before_send(step, self.task.round) is False:
+            self.aborted = f"vanished before sending {step.value} (fault injection)"
+            return True
+        return False
+
+    def start(self, fit: FitResult) -> StageMessage | None:
         """Encode the trained model's change and produce the ADVERTISE message."""
         delta = fit.parameters.flat.astype(np.float64) - self.task.parameters.flat
         weight = min(max(int(fit.num_examples), 0), self.setup.max_weight)
         self._encoded = self._codec.encode_weighted(delta, weight, self.setup.max_weight)
         msg = StageMessage(SecAggStep.ADVERTISE, self._machine.advertise().to_bytes())
         self.next_step = SecAggStep.SHARE
-        if self._before_send is not None:
-            self._before_send(SecAggStep.ADVERTISE, self.task.round)
+        if self._crashes_before(SecAggStep.ADVERTISE):
+            return None
         return msg
 
     def poll(self, service: CoordinatorService, wait_s: float) -> bool:
@@ -98,8 +105,8 @@ class SecureSession:
             self.aborted = f"refused to continue: {exc}"
             logger.warning("%s: secure round %d: %s", self.name, self.task.round, self.aborted)
             return True
-        if self._before_send is not None:
-            self._before_send(message.step, self.task.round)
+        if self._crashes_before(message.step):
+            return True
         verdict = service.submit_stage(self.task.run_id, self.name, self.task.round,
                                        message.step, message.payload)
         if not verdict.accepted:

@@ -7,6 +7,7 @@ progress) differ. Runs are deterministic: participants act in sorted order.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -15,10 +16,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from conclave.coordinator.service import Coordinator, RoundTiming
-from conclave.core.ports import Ledger, Trainer, TrainerFactory
+from conclave.core.ports import CoordinatorService, Ledger, Trainer, TrainerFactory
 from conclave.core.spec import RunSpec
 from conclave.core.parameters import Parameters
-from conclave.core.types import Config, EvaluateResult, FitResult, Task, TrainerContext
+from conclave.core.types import (
+    Config,
+    EvaluateResult,
+    FitResult,
+    SecAggStep,
+    Task,
+    TrainerContext,
+)
 from conclave.participant.agent import ParticipantAgent
 from conclave.transport.memory import MemoryTransport
 
@@ -62,7 +70,12 @@ class Simulation:
         participants: Sequence[str] | None = None,
         on_round: Callable[[RoundTiming], None] | None = None,
         workers: int | None = None,
+        before_send: Callable[[str, SecAggStep, int], bool | None] | None = None,
+        wrap_transport: Callable[[CoordinatorService], CoordinatorService] | None = None,
     ) -> None:
+        """``before_send(participant, step, round)`` returning False makes that participant
+        vanish from a secure round just before sending ``step``; ``wrap_transport`` lets tests
+        put an adversary on the wire."""
         self.spec = spec
         self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
         self.clock = SimulatedClock()
@@ -71,10 +84,14 @@ class Simulation:
         self.coordinator = Coordinator(spec=spec, ledger=ledger, initial=initial,
                                        clock=self.clock.now, on_round=on_round,
                                        detect_lost=False)
-        transport = MemoryTransport(self.coordinator)
+        transport: CoordinatorService = MemoryTransport(self.coordinator)
+        if wrap_transport is not None:
+            transport = wrap_transport(transport)
         names = tuple(participants) if participants is not None else spec.simulation.names()
         self.agents = [
-            ParticipantAgent(name=name, service=transport, trainer=_lazy(factory, name, spec))
+            ParticipantAgent(name=name, service=transport, trainer=_lazy(factory, name, spec),
+                             before_send=None if before_send is None
+                             else functools.partial(before_send, name))
             for name in names
         ]
 

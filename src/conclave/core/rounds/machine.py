@@ -140,6 +140,7 @@ class RunMachine:
             config["secure_aggregation"] = True
         config["seed"] = participant_seed(self.spec.seed, self._round, participant)
         config["round"] = self._round
+        config["attempt"] = self._attempt
         timeout = (
             self.spec.deadlines.round_timeout_s
             if self._kind is TaskKind.FIT
