@@ -23,7 +23,7 @@ from conclave.core.spec import RunSpec
 from conclave.core.types import SecAggStep, TaskKind, TrainerContext
 from conclave.ledger.memory import MemoryLedger
 from conclave.ledger.sqlite import SqliteLedger
-from conclave.participant.agent import ParticipantAgent, load_trainer_factory
+from conclave.participant.agent import ParticipantAgent, build_trainer, load_trainer_factory
 from conclave.simulation.engine import Simulation
 from conclave.transport.grpc.client import GrpcCoordinatorClient
 from conclave.transport.grpc.server import GrpcServer
@@ -41,8 +41,8 @@ def _progress_hook(progress: RoundProgress) -> Any:
 
 def _make_coordinator(spec: RunSpec, ledger: Ledger, progress: RoundProgress | None) -> Coordinator:
     factory = load_trainer_factory(spec.task.trainer)
-    initial = factory(TrainerContext(participant=None, seed=spec.seed,
-                                     options=dict(spec.task.options))).get_weights()
+    initial = build_trainer(factory, TrainerContext(
+        participant=None, seed=spec.seed, options=dict(spec.task.options))).get_weights()
     return Coordinator(spec=spec, ledger=ledger, initial=initial,
                        on_round=_progress_hook(progress) if progress else None)
 
@@ -82,8 +82,13 @@ def coordinator(args: argparse.Namespace) -> int:
         coord.start()
         while not coord.wait(0.5):
             if stop.is_set():
-                print("conclave: stopping on signal", file=sys.stderr)
+                print("conclave: stopping on SIGTERM", file=sys.stderr)
+                coord.interrupt("coordinator stopped by SIGTERM")
                 break
+        _linger(coord, spec)
+    except KeyboardInterrupt:
+        coord.interrupt("coordinator interrupted (SIGINT)")
+        raise
     finally:
         server.stop(grace_s=2.0)
         summary = coord.summary()
@@ -91,6 +96,11 @@ def coordinator(args: argparse.Namespace) -> int:
         ledger.close()
     _print_results(summary)
     return 0 if summary["status"] == "finished" else 1
+
+
+def _linger(coord: Coordinator, spec: RunSpec) -> None:
+    """Keep serving until every connected participant has heard that the run is over."""
+    coord.linger(timeout_s=2 * spec.federation.heartbeat_interval_s + 10.0)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -118,8 +128,9 @@ def participant(args: argparse.Namespace) -> int:
         stats = agent.run()
     finally:
         client.close()
-    print(f"{args.name}: run finished; {stats.fits} fit and {stats.evaluations} evaluation "
-          f"task(s) done, {len(stats.rejected)} rejected", flush=True)
+    print(f"{args.name}: the coordinator ended the run; {stats.fits} fit and "
+          f"{stats.evaluations} evaluation task(s) done, {len(stats.rejected)} rejected, "
+          f"{len(stats.failures)} trainer failure(s)", flush=True)
     return 0
 
 
@@ -150,9 +161,10 @@ def _join_with_retry(agent: ParticipantAgent, timeout_s: float) -> None:
             agent.join()
             return
         except TransportError:
-            if time.monotonic() + backoff > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise
-            time.sleep(backoff)
+            time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, 2.0)
 
 
@@ -194,17 +206,19 @@ def demo(args: argparse.Namespace) -> int:
             if all(p.poll() is not None for p in procs):
                 print("conclave: every participant process exited; see the logs in "
                       f"{logs}", file=sys.stderr)
+                coord.interrupt("every participant process exited")
                 break
+        _linger(coord, spec)
+        _wait_processes(procs, timeout_s=10.0)
     except KeyboardInterrupt:
         interrupted = True
+        coord.interrupt("demo interrupted (Ctrl-C)")
         print("\nconclave: interrupted; shutting down", file=sys.stderr)
     finally:
         progress.close()
         _stop_processes(procs)
         server.stop(grace_s=1.0)
         summary = coord.summary()
-        if interrupted:
-            summary["status"] = "interrupted"
         summary_path = write_summary(state_dir, summary)
         ledger.close()
     _print_results(summary, baselines=FLAMBY_BASELINES)
@@ -213,6 +227,15 @@ def demo(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     return 0 if summary["status"] == "finished" else 1
+
+
+def _wait_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return
 
 
 def _stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -231,8 +254,10 @@ def _stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
 def _print_results(summary: dict[str, Any], baselines: Mapping[str, float] | None = None) -> None:
     final = summary.get("final") or {}
     per = final.get("per_participant") or {}
-    print(f"\nrun {summary['run_id']}: {summary['status']} ({summary['reason']}); "
-          f"{summary['rounds_committed']}/{summary['rounds_planned']} rounds committed")
+    reason = (f": {summary['reason']}" if summary.get("reason") and summary["status"] != "finished"
+              else "")
+    print(f"\nrun {summary['run_id']} {summary['status']}{reason}; "
+          f"{summary['rounds_committed']} of {summary['rounds_planned']} rounds committed")
     if not per:
         return
     head = f"{'participant':<14} {'test accuracy':>13} {'test loss':>10} {'examples':>9}"
@@ -240,8 +265,8 @@ def _print_results(summary: dict[str, Any], baselines: Mapping[str, float] | Non
         head += f" {'FLamby FedAvg':>14}"
     print(head)
     for name, metrics in sorted(per.items()):
-        line = (f"{name:<14} {metrics.get('accuracy', float('nan')):>13.3f} "
-                f"{metrics.get('loss', float('nan')):>10.4f} "
+        line = (f"{name:<14} {_num(metrics.get('accuracy'), 3):>13} "
+                f"{_num(metrics.get('loss'), 4):>10} "
                 f"{int(metrics.get('num_examples', 0)):>9d}")
         if baselines and f"fedavg/{name}" in baselines:
             line += f" {baselines[f'fedavg/{name}']:>14.3f}"
@@ -253,6 +278,10 @@ def _print_results(summary: dict[str, Any], baselines: Mapping[str, float] | Non
             line += (f"{'':>21} {baselines.get('fedavg', float('nan')):>14.3f}   "
                      f"(FLamby pooled: {baselines.get('pooled', float('nan')):.3f})")
         print(line)
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def ledger_show(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -132,9 +133,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nconclave: interrupted", file=sys.stderr)
         return 130
-    except ConclaveError as exc:
+    except BrokenPipeError:
+        # the reader went away (e.g. `conclave ledger show DIR | head`): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except ConfigError as exc:
         print(f"conclave: error: {exc}", file=sys.stderr)
         return 2
+    except ConclaveError as exc:
+        print(f"conclave: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"conclave: error:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     parser.error(f"unknown command {args.command}")
     return 2  # pragma: no cover
 

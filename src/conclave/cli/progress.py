@@ -43,7 +43,7 @@ class RoundProgress:
             parts.append(f"test loss {self._last['loss']:.4f}")
         if "mean_accuracy" in self._last:
             parts.append(f"mean acc {self._last['mean_accuracy']:.3f}")
-        parts.append(f"{time.monotonic() - self._started:6.1f}s")
+        parts.append(f"elapsed {time.monotonic() - self._started:5.1f} s")
         text = " | ".join(parts)
         if self.interactive:
             filled = int(self.width * self._done / max(self.total, 1))

@@ -101,6 +101,7 @@ class Coordinator:
         self._timers: dict[tuple[Timer, int, int], float] = {}
         self._last_seen: dict[str, float] = {}
         self._ever_joined: set[str] = set()
+        self._told_finished: set[str] = set()
         self._lost: set[str] = set()
         self._started = False
         self._status = RunStatus.RUNNING
@@ -187,6 +188,25 @@ class Coordinator:
                     pause = min(pause, remaining)
                 self._cond.wait(pause)
 
+    def interrupt(self, reason: str) -> None:
+        """Record that the run was stopped from outside before it ended (signal, Ctrl-C)."""
+        with self._cond:
+            if self._status is RunStatus.RUNNING:
+                self._finish(RunStatus.INTERRUPTED, reason)
+                self._cond.notify_all()
+
+    def linger(self, timeout_s: float) -> bool:
+        """After the run ended, wait (wall clock) until every participant still connected has
+        been told so, so none of them finds a closed port. True if all were told."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                waiting = self._ever_joined - self._told_finished - self._lost
+                remaining = end - time.monotonic()
+                if not waiting or remaining <= 0:
+                    return not waiting
+                self._cond.wait(min(remaining, 0.1))
+
     def _lost_after_s(self) -> float:
         fed = self.spec.federation
         return fed.heartbeat_interval_s * fed.lost_after_heartbeats
@@ -227,9 +247,12 @@ class Coordinator:
         with self._cond:
             self._check_member(run_id, participant)
             self._seen(participant)
+            finished = self._status is not RunStatus.RUNNING
+            if finished:
+                self._told_finished.add(participant)
             return HeartbeatReply(
                 has_task=self._machine.task_for(participant) is not None,
-                run_finished=self._status is not RunStatus.RUNNING,
+                run_finished=finished,
             )
 
     def fetch_task(self, run_id: str, participant: str, wait_s: float) -> TaskAssignment:
@@ -239,6 +262,7 @@ class Coordinator:
             while True:
                 self._seen(participant)
                 if self._status is not RunStatus.RUNNING:
+                    self._told_finished.add(participant)
                     return TaskAssignment(task=None, run_finished=True)
                 task = self._machine.task_for(participant)
                 remaining = deadline - time.monotonic()

@@ -22,6 +22,7 @@ _TRAINER_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 E = TypeVar("E", bound=enum.Enum)
+MAX_ROUNDS = 1_000_000
 
 
 class StrategyName(enum.Enum):
@@ -236,6 +237,8 @@ def _build(root: _Table, source: str) -> RunSpec:
     run = root.table("run", required=True)
     name = run.str("name", None, pattern=_NAME, allowed="letters, digits, '-', '_', '.' (1-128)")
     rounds = run.int("rounds", None, minimum=1)
+    if rounds > MAX_ROUNDS:
+        raise ConfigError("run.rounds", rounds, f"an integer from 1 to {MAX_ROUNDS}")
     seed = run.int("seed", 0, minimum=0)
     run.check_unknown()
 
@@ -287,6 +290,9 @@ def _build(root: _Table, source: str) -> RunSpec:
         max_model_bytes=fed.int("max_model_bytes", 2**31, minimum=1),
     )
     fed.check_unknown()
+    if names and min_quorum > len(names):
+        raise ConfigError("selection.min_quorum", min_quorum,
+                          f"at most the {len(names)} names in federation.participants")
     if names and min_participants > len(names):
         raise ConfigError("selection.min_participants", min_participants,
                           f"at most the {len(names)} names in federation.participants")

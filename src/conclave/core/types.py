@@ -54,6 +54,8 @@ class RunStatus(enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"
     FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    """The coordinator was stopped (signal) before the run ended; committed rounds are kept."""
 
 
 class ParticipantState(enum.Enum):

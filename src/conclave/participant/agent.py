@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,11 +52,54 @@ def load_trainer_factory(ref: str) -> TrainerFactory:
     return factory  # type: ignore[no-any-return]
 
 
+def build_trainer(factory: TrainerFactory, ctx: TrainerContext) -> Trainer:
+    """Call the user's factory; ``{participant}`` in an option value becomes the participant's
+    name (so one spec can point each virtual participant at its own data). Failures become
+    TrainerError naming the factory."""
+    name = ctx.participant or "coordinator"
+    options = {k: v.replace("{participant}", name) for k, v in ctx.options.items()}
+    ctx = TrainerContext(participant=ctx.participant, seed=ctx.seed, options=options)
+    try:
+        trainer = factory(ctx)
+    except ConclaveError:
+        raise
+    except Exception as exc:
+        label = getattr(factory, "__qualname__", repr(factory))
+        raise TrainerError(
+            f"trainer factory {label} failed for {name}: {type(exc).__name__}: {exc}") from exc
+    missing = [m for m in ("get_weights", "set_weights", "fit", "evaluate")
+               if not callable(getattr(trainer, m, None))]
+    if missing:
+        raise TrainerError(f"the trainer built for {name} lacks {', '.join(missing)}")
+    return trainer
+
+
 @dataclass(slots=True)
 class AgentStats:
     fits: int = 0
     evaluations: int = 0
     rejected: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+class _Backoff:
+    """Exponential backoff with full jitter, giving up ``limit_s`` after the last success."""
+
+    def __init__(self, limit_s: float, first_s: float = 0.2, cap_s: float = 5.0) -> None:
+        self._limit_s, self._first_s, self._cap_s = limit_s, first_s, cap_s
+        self.reset()
+
+    def reset(self) -> None:
+        self._since = time.monotonic()
+        self._next = self._first_s
+
+    def next_pause(self, exc: Exception) -> float:
+        if time.monotonic() - self._since > self._limit_s:
+            raise TransportError(
+                f"coordinator unreachable for more than {self._limit_s:.0f} s: {exc}") from exc
+        pause = random.uniform(0, self._next)
+        self._next = min(self._next * 2, self._cap_s)
+        return pause
 
 
 class ParticipantAgent:
@@ -90,7 +134,8 @@ class ParticipantAgent:
         options: Mapping[str, str] | None = None, seed: int = 0, poll_wait_s: float = 5.0,
         before_send: Callable[[SecAggStep, int], bool | None] | None = None,
     ) -> ParticipantAgent:
-        trainer = factory(TrainerContext(participant=name, seed=seed, options=dict(options or {})))
+        trainer = build_trainer(factory, TrainerContext(participant=name, seed=seed,
+                                                         options=dict(options or {})))
         return cls(name=name, service=service, trainer=trainer, poll_wait_s=poll_wait_s,
                    before_send=before_send)
 
@@ -132,16 +177,35 @@ class ParticipantAgent:
         self._perform(task)
         return True
 
-    def run(self, stop: threading.Event | None = None) -> AgentStats:
-        """Join, then work until the run finishes (or ``stop`` is set)."""
+    def run(self, stop: threading.Event | None = None,
+            reconnect_timeout_s: float = 60.0) -> AgentStats:
+        """Join (unless already joined), then work until the run finishes or ``stop`` is set.
+
+        A lost connection is retried with exponential backoff and jitter for up to
+        ``reconnect_timeout_s``; a trainer that fails is logged and the participant stays in
+        the federation (the coordinator records it as silent for that round).
+        """
         stop = stop or threading.Event()
-        self.join()
+        if not self.run_id:
+            self.join()
         beat = threading.Thread(target=self._heartbeat_loop, args=(stop,), daemon=True,
                                 name=f"heartbeat-{self.name}")
         beat.start()
+        backoff = _Backoff(reconnect_timeout_s)
         try:
             while not stop.is_set() and not self.finished:
-                self.step(self._poll_wait_s)
+                try:
+                    self.step(self._poll_wait_s)
+                except TransportError as exc:
+                    pause = backoff.next_pause(exc)
+                    logger.warning("%s: coordinator unreachable (%s); retrying in %.1f s",
+                                   self.name, exc, pause)
+                    stop.wait(pause)
+                    continue
+                except TrainerError as exc:
+                    self.stats.failures.append(str(exc))
+                    logger.error("%s: %s; sitting this task out", self.name, exc)
+                backoff.reset()
         finally:
             stop.set()
             beat.join(timeout=5)
@@ -178,6 +242,10 @@ class ParticipantAgent:
                 fit = self._trainer.fit(task.config)
                 if not isinstance(fit, FitResult) or not isinstance(fit.parameters, Parameters):
                     raise TrainerError("trainer.fit must return a FitResult with Parameters")
+                n = fit.num_examples
+                if isinstance(n, bool) or not isinstance(n, int) or not -2**63 <= n < 2**63:
+                    raise TrainerError(f"trainer.fit returned num_examples={n!r}; "
+                                       "it must be a 64-bit integer")
                 if setup is not None:
                     return self._start_secure(task, setup, fit)
                 return Update(

@@ -23,11 +23,15 @@ from conclave.core.types import (
     Config,
     EvaluateResult,
     FitResult,
+    Evaluation,
     SecAggStep,
     Task,
     TrainerContext,
+    Update,
 )
-from conclave.participant.agent import ParticipantAgent
+from conclave.core.errors import TrainerError
+from conclave.participant.agent import ParticipantAgent, build_trainer
+from conclave.participant.secure import StageMessage
 from conclave.transport.memory import MemoryTransport
 
 logger = logging.getLogger(__name__)
@@ -79,8 +83,8 @@ class Simulation:
         self.spec = spec
         self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
         self.clock = SimulatedClock()
-        initial = factory(TrainerContext(participant=None, seed=spec.seed,
-                                         options=dict(spec.task.options))).get_weights()
+        initial = build_trainer(factory, TrainerContext(
+            participant=None, seed=spec.seed, options=dict(spec.task.options))).get_weights()
         self.coordinator = Coordinator(spec=spec, ledger=ledger, initial=initial,
                                        clock=self.clock.now, on_round=on_round,
                                        detect_lost=False)
@@ -133,11 +137,21 @@ class Simulation:
         for start in range(0, len(work), window):
             batch = work[start:start + window]
             if self.workers == 1:
-                results = [agent.prepare(task) for agent, task in batch]
+                results = [_prepare(agent, task) for agent, task in batch]
             else:
-                results = list(pool.map(lambda at: at[0].prepare(at[1]), batch))
+                results = list(pool.map(lambda at: _prepare(at[0], at[1]), batch))
             for (agent, _), result in zip(batch, results, strict=True):
                 agent.submit(result)
+
+
+def _prepare(agent: ParticipantAgent, task: Task) -> Update | Evaluation | StageMessage | None:
+    """A virtual participant whose trainer fails sits the task out, as a real one does."""
+    try:
+        return agent.prepare(task)
+    except TrainerError as exc:
+        agent.stats.failures.append(str(exc))
+        logger.error("%s", exc)
+        return None
 
 
 class _LazyTrainer:
@@ -152,8 +166,9 @@ class _LazyTrainer:
 
     def _get(self) -> Trainer:
         if self._trainer is None:
-            self._trainer = self._factory(TrainerContext(
-                participant=self._name, seed=self._spec.seed, options=dict(self._spec.task.options)))
+            self._trainer = build_trainer(self._factory, TrainerContext(
+                participant=self._name, seed=self._spec.seed,
+                options=dict(self._spec.task.options)))
         return self._trainer
 
     def get_weights(self) -> Parameters:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from conclave.core.aggregation.fedavg import WeightedMean, validate_update
+from conclave.core.aggregation.fedavg import MAX_EXAMPLES, WeightedMean, validate_update
 from conclave.core.errors import ConclaveError, InvalidUpdate, LocalProtocolError
 from conclave.core.parameters import Parameters
 from conclave.core.rounds.events import (
@@ -84,7 +84,7 @@ class RunMachine:
         self._selected: tuple[str, ...] = ()
         self._answered: set[str] = set()
         self._agg = WeightedMean(initial.layout)
-        self._metric_sums: dict[str, float] = {}
+        self._metric_sums: dict[str, tuple[float, int]] = {}
         self._evaluations: dict[str, dict[str, float]] = {}
         self._last_evaluation: dict[str, dict[str, float]] = {}
         self._committed = completed_rounds
@@ -303,7 +303,7 @@ class RunMachine:
                 f"quorum not reached: {self._agg.count} accepted contribution(s), {needed} needed"
             )
         total = self._agg.total_weight
-        metrics = {name: value / total for name, value in self._metric_sums.items()}
+        metrics = {name: value / weight for name, (value, weight) in self._metric_sums.items()}
         metrics["contributions"] = float(self._agg.count)
         metrics["examples"] = float(total)
         return self._commit(self._agg.result(), metrics)
@@ -463,8 +463,10 @@ class RunMachine:
         self._agg.add(update.parameters, update.num_examples)
         self._answered.add(update.participant)
         metrics = _finite(update.metrics)
-        for name, value in metrics.items():
-            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value * update.num_examples
+        n = update.num_examples
+        for name, value in metrics.items():  # each metric averaged over those who reported it
+            total, weight = self._metric_sums.get(name, (0.0, 0))
+            self._metric_sums[name] = (total + value * n, weight + n)
         cmds = [
             RecordContribution(round=update.round, kind=TaskKind.FIT,
                                participant=update.participant,
@@ -549,4 +551,6 @@ def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 def _safe_weight(num_examples: int) -> int:
-    return num_examples if isinstance(num_examples, int) and num_examples > 0 else 0
+    """The weight to record for a rejected update: its claim, if it is a sane integer."""
+    ok = isinstance(num_examples, int) and 0 < num_examples <= MAX_EXAMPLES
+    return num_examples if ok else 0
