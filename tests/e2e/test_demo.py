@@ -58,3 +58,10 @@ def test_ledger_show_reads_the_demo(demo_dir: Path) -> None:
     assert len(fits) == 15 and all(r["status"] == "committed" for r in fits)
     accepted = [c for c in data["contributions"] if c["kind"] == "fit" and c["status"] == "accepted"]
     assert len(accepted) == 60
+
+
+def test_every_participant_heard_the_end_and_exited_cleanly(demo_dir: Path) -> None:
+    for i in range(4):
+        log = (demo_dir / "logs" / f"hospital-{i}.log").read_text()
+        assert "the coordinator ended the run; 15 fit and 15 evaluation task(s) done" in log
+        assert "error" not in log.lower()

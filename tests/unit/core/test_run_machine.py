@@ -209,3 +209,14 @@ def test_double_start_is_a_local_error() -> None:
     m = started()
     with pytest.raises(LocalProtocolError):
         m.handle(RunStarted())
+
+
+def test_round_metrics_average_only_over_participants_that_reported_them() -> None:
+    m = started()
+    m.handle(ParticipantJoined("a"))
+    m.handle(ParticipantJoined("b"))
+    nan = Update(run_id="r1", round=1, participant="a", num_examples=1,
+                 parameters=params(1.0, 1.0), metrics={"train_loss": float("nan")})
+    assert of(m.handle(UpdateReceived(nan)), Reply)[0].verdict.accepted
+    cmds = m.handle(UpdateReceived(update(m, "b", (1.0, 1.0), 3)))
+    assert of(cmds, CommitRound)[0].metrics["train_loss"] == 1.0

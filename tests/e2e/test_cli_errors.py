@@ -1,0 +1,95 @@
+"""User errors on the command line: one clear line, a meaningful exit code, no traceback;
+and a coordinator stopped by a signal records the run as interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def conclave(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "conclave", *args], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=cwd)
+
+
+def no_traceback(done: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout, done.stderr
+
+
+def test_bad_spec_is_exit_2_naming_the_field(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text('[run]\nname = "x"\nrounds = -3\n[task]\ntrainer = "a:b"\n')
+    done = conclave("simulate", str(spec))
+    assert done.returncode == 2
+    assert "invalid run.rounds = -3: an integer >= 1" in done.stderr
+    no_traceback(done)
+
+
+def test_missing_spec_file_and_unknown_trainer(tmp_path: Path) -> None:
+    done = conclave("simulate", str(tmp_path / "nope.toml"))
+    assert done.returncode == 2 and "readable TOML file" in done.stderr
+    spec = tmp_path / "t.toml"
+    spec.write_text('[run]\nname = "x"\nrounds = 1\n[task]\ntrainer = "no_such_mod:f"\n')
+    done = conclave("simulate", str(spec))
+    assert done.returncode == 2 and "an importable module" in done.stderr
+    no_traceback(done)
+
+
+def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    done = conclave("coordinator", "--spec", "heart-disease", "--state-dir", str(afile))
+    assert done.returncode == 1 and "conclave: error:" in done.stderr
+    no_traceback(done)
+
+
+def test_ledger_show_on_an_empty_dir(tmp_path: Path) -> None:
+    done = conclave("ledger", "show", str(tmp_path))
+    assert done.returncode == 1 and "no ledger" in done.stderr
+    no_traceback(done)
+
+
+def test_failing_trainer_factory_is_named(tmp_path: Path) -> None:
+    (tmp_path / "broken_task.py").write_text(
+        "def make_trainer(ctx):\n    raise FileNotFoundError('/data/missing.csv')\n")
+    spec = tmp_path / "t.toml"
+    spec.write_text('[run]\nname = "x"\nrounds = 1\n[task]\ntrainer = "broken_task:make_trainer"\n')
+    done = subprocess.run([sys.executable, "-m", "conclave", "simulate", str(spec)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert done.returncode == 1
+    assert "trainer factory make_trainer failed for coordinator" in done.stderr
+    assert "/data/missing.csv" in done.stderr
+    no_traceback(done)
+
+
+def test_sigterm_marks_the_run_interrupted_and_keeps_committed_rounds(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    log = tmp_path / "coordinator.log"
+    with log.open("wb") as out:
+        coord = subprocess.Popen([sys.executable, "-m", "conclave", "coordinator", "--spec",
+                                  "heart-disease", "--state-dir", str(state)],
+                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 30
+        while "listening on" not in log.read_text() and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.5)  # no participant ever joins: the run is waiting for them
+        coord.send_signal(signal.SIGTERM)
+        assert coord.wait(timeout=30) == 1
+    finally:
+        if coord.poll() is None:
+            coord.kill()
+    summary = json.loads((state / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
+    shown = conclave("ledger", "show", str(state), "--json")
+    assert json.loads(shown.stdout)["run"]["status"] == "interrupted"
