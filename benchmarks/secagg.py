@@ -1,0 +1,206 @@
+"""Secure aggregation (SecAgg+): cost per side, bytes, and the cost of a whole secure round.
+
+1. Protocol cost (core machines, one process, messages serialised as on the wire): for each
+   (n, d, dropout) the participant seconds (mean per participant: keys, shares, encoding,
+   masking, unmasking), the coordinator seconds (routing, summing, reconstruction, unmasking)
+   and the bytes each participant sends and receives. Dropouts vanish before the masked input,
+   the expensive case (their pairwise masks must be reconstructed and removed).
+2. Whole rounds (`conclave simulate` machinery, noise trainer): seconds per round with and
+   without secure aggregation, the ratio printed last. Target at n = 100, d = 100k: <= 1.5x.
+   With --flower, Flower 1.42's plain and SecAgg+ rounds on the same workload run side by side
+   (benchmarks/peers), and the ratio of the time each framework adds for secure aggregation is
+   printed too. Target: Flower's added time >= 10x Conclave's.
+
+Run: python benchmarks/secagg.py [--full] [--flower]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from conclave.coordinator.service import RoundTiming
+from conclave.core.secagg import SecAggConfig, SecAggCoordinator, SecAggParticipant
+from conclave.core.secagg.fixedpoint import FixedPointCodec
+from conclave.core.spec import RunSpec
+from conclave.core.types import SecAggStep, TaskKind
+from conclave.ledger.memory import MemoryLedger
+from conclave.simulation.engine import Simulation
+from conclave.trainers.noise import make_trainer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, fn, *args):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def protocol_cost(n: int, d: int, dropout: float, seed: int = 0) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    ids = [f"p{i:04d}" for i in range(n)]
+    identities = {p: Ed25519PrivateKey.generate() for p in ids}
+    public = {p: k.public_key() for p, k in identities.items()}
+    config = SecAggConfig.create(run_id="bench", round=1, participants=ids,
+                                 graph_seed=bytes(32), vector_length=d + 1)
+    codec = FixedPointCodec(clip=4.0, bits=32, max_summands=n)
+    dropped = set(rng.choice(ids, size=int(round(dropout * n)), replace=False).tolist())
+    part_clock, coord_clock = Clock(), Clock()
+    sent = dict.fromkeys(ids, 0)
+    received = dict.fromkeys(ids, 0)
+    coord = SecAggCoordinator(config=config, identity_keys=public)
+    parts = {p: SecAggParticipant(config=config, participant_id=p, identity_key=identities[p],
+                                  identity_keys=public) for p in ids}
+    update = rng.standard_normal(d).astype(np.float32) * 1e-3
+
+    for p in ids:
+        msg = part_clock(parts[p].advertise)
+        data = msg.to_bytes()
+        sent[p] += len(data)
+        coord_clock(coord.receive_advert, type(msg).from_bytes(data))
+    for p, bundle in coord_clock(coord.close_advertise).items():
+        data = bundle.to_bytes()
+        received[p] += len(data)
+        msg = part_clock(parts[p].receive_keys, type(bundle).from_bytes(data))
+        out = msg.to_bytes()
+        sent[p] += len(out)
+        coord_clock(coord.receive_share_keys, type(msg).from_bytes(out))
+    for p, bundle in coord_clock(coord.close_share).items():
+        data = bundle.to_bytes()
+        received[p] += len(data)
+        if p in dropped:
+            continue
+        encoded = part_clock(codec.encode_weighted, update, 10, 1000)
+        msg = part_clock(parts[p].masked_input, encoded, type(bundle).from_bytes(data))
+        out = msg.to_bytes()
+        sent[p] += len(out)
+        coord_clock(coord.receive_masked_input, type(msg).from_bytes(out))
+    request = coord_clock(coord.close_masked_input)
+    req = request.to_bytes()
+    for p in request.survivors:
+        received[p] += len(req)
+        msg = part_clock(parts[p].unmask, type(request).from_bytes(req))
+        out = msg.to_bytes()
+        sent[p] += len(out)
+        coord_clock(coord.receive_unmask_response, type(msg).from_bytes(out))
+    result = coord_clock(coord.finish)
+    survivors = [p for p in ids if p not in dropped]
+    expected = sum(codec.encode_weighted(update, 10, 1000).astype(np.uint64)
+                   for _ in survivors[:1]) * len(survivors)
+    assert np.array_equal(result.vector, (expected % 2**32).astype(np.uint32)), "wrong sum"
+    active = [p for p in ids if p not in dropped]
+    return {
+        "n": n, "d": d, "dropout": dropout, "k": config.neighbours, "t": config.threshold,
+        "participant_s": part_clock.seconds / n,
+        "coordinator_s": coord_clock.seconds,
+        "sent_kb": statistics.mean(sent[p] for p in active) / 1e3,
+        "received_kb": statistics.mean(received[p] for p in active) / 1e3,
+        "plain_upload_kb": 4 * d / 1e3,
+    }
+
+
+SPEC = """
+[run]
+name = "bench-secagg"
+rounds = {rounds}
+seed = 1
+[task]
+trainer = "conclave.trainers.noise:make_trainer"
+[task.options]
+dim = "{dim}"
+[selection]
+min_participants = {n}
+min_quorum = 2
+[evaluation]
+every_rounds = 0
+[simulation]
+participants = {n}
+"""
+
+
+def round_seconds(n: int, d: int, rounds: int, secure: bool, dropout: float = 0.0) -> float:
+    text = SPEC.format(rounds=rounds, dim=d, n=n)
+    if secure:
+        text += "\n[secure_aggregation]\nstage_timeout_s = 0.001\n"
+    spec = RunSpec.from_toml(text)
+    stamps: list[float] = []
+    names = spec.simulation.names()
+    drop = set(names[: int(round(dropout * n))])
+
+    def on_round(t: RoundTiming) -> None:
+        if t.kind is TaskKind.FIT:
+            stamps.append(time.perf_counter())
+
+    def vanish(who: str, step: SecAggStep, rnd: int) -> bool:
+        return not (who in drop and step is SecAggStep.MASKED_INPUT)
+
+    sim = Simulation(spec=spec, ledger=MemoryLedger(), factory=make_trainer, on_round=on_round,
+                     before_send=vanish if drop else None)
+    start = time.perf_counter()
+    sim.run()
+    per_round = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
+    return statistics.median(per_round[1:] or per_round)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--full", action="store_true",
+                    help="every combination of n in (100, 1000), d in (100k, 1M), "
+                         "dropout in (0, 10, 30 %%) (slow: many minutes)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--flower", action="store_true")
+    args = ap.parse_args()
+    if args.full:
+        grid = [(n, d, f) for n in (100, 1000) for d in (100_000, 1_000_000)
+                for f in (0.0, 0.1, 0.3)]
+    else:
+        grid = [(100, 100_000, f) for f in (0.0, 0.1, 0.3)] + [(100, 1_000_000, 0.0),
+                                                                (1000, 100_000, 0.0)]
+    print(f"{'n':>5} {'d':>9} {'drop':>5} {'k':>3} {'t':>3} {'participant s':>13} "
+          f"{'coordinator s':>13} {'sent kB':>9} {'recv kB':>8} {'plain kB':>8}")
+    for n, d, f in grid:
+        r = protocol_cost(n, d, f)
+        print(f"{n:>5} {d:>9} {f:>5.0%} {r['k']:>3} {r['t']:>3} {r['participant_s']:>13.4f} "
+              f"{r['coordinator_s']:>13.3f} {r['sent_kb']:>9.0f} {r['received_kb']:>8.0f} "
+              f"{r['plain_upload_kb']:>8.0f}", flush=True)
+
+    print("\nwhole rounds in simulation (noise trainer, seconds per round, steady state):")
+    rows = [(100, 100_000, 0.0), (100, 100_000, 0.1), (100, 100_000, 0.3)]
+    if args.full:
+        rows += [(1000, 100_000, 0.0), (100, 1_000_000, 0.0)]
+    ratios = {}
+    for n, d, f in rows:
+        plain = round_seconds(n, d, args.rounds, secure=False)
+        secure = round_seconds(n, d, args.rounds, secure=True, dropout=f)
+        ratios[(n, d, f)] = (plain, secure)
+        print(f"n={n} d={d} dropout={f:.0%}: plain {plain:.3f} s, secure {secure:.3f} s, "
+              f"ratio {secure / plain:.2f}x", flush=True)
+    plain, secure = ratios[(100, 100_000, 0.0)]
+    if args.flower:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from peers.flower_env import run_flower, run_flower_secagg  # type: ignore[import-not-found]
+
+        fp = float(run_flower(100, 100_000, 4, timeout_s=1800)["median_round_s"])
+        fs = float(run_flower_secagg(100, 100_000, 4, timeout_s=1800)["median_round_s"])
+        print(f"flower n=100 d=100000: plain {fp:.3f} s, SecAgg+ {fs:.3f} s, "
+              f"ratio {fs / fp:.2f}x")
+        print(f"added time for secure aggregation: flower {fs - fp:.3f} s, conclave "
+              f"{secure - plain:.3f} s -> flower/conclave = "
+              f"{(fs - fp) / max(secure - plain, 1e-9):.1f}x (target >= 10x)")
+    print(f"ratio secure/plain round at n=100, d=100k: {secure / plain:.2f}x (target <= 1.5x; "
+          f"{os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()
