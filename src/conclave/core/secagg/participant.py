@@ -82,6 +82,7 @@ class SecAggParticipant:
         self._stage = Stage.ADVERTISE
         self._keys: keys.RoundKeys | None = None
         self._adverts: dict[str, AdvertiseKeys] = {}
+        self._c_secrets: dict[str, bytes] = {}
         self._held: dict[str, tuple[bytes, bytes]] = {}  # owner -> (self-mask, mask-key) share
 
     @property
@@ -156,7 +157,7 @@ class SecAggParticipant:
         )
         out: list[EncryptedShare] = []
         for v, b_share, s_share in zip(holders, b_shares, s_shares, strict=True):
-            secret = keys.agree(own.c_private, self._adverts[v].c_public)
+            secret = self._c_secret(v)
             plaintext = b_share.data + s_share.data
             ct = keys.encrypt_share(secret, cfg.context, self._id, v, plaintext, self._random_bytes)
             out.append(EncryptedShare(sender=self._id, recipient=v, ciphertext=ct))
@@ -219,7 +220,7 @@ class SecAggParticipant:
             raise RemoteProtocolError(f"share from {share.sender!r}, not an advertised neighbour")
         if share.sender in self._held:
             raise RemoteProtocolError(f"second share from {share.sender!r}")
-        secret = keys.agree(self._round_keys().c_private, self._adverts[share.sender].c_public)
+        secret = self._c_secret(share.sender)
         plain = keys.decrypt_share(
             secret, self._config.context, share.sender, self._id, share.ciphertext
         )
@@ -253,6 +254,15 @@ class SecAggParticipant:
         )
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _c_secret(self, peer: str) -> bytes:
+        """The X25519 secret shared with ``peer`` for sealing shares, computed once: the same
+        pair of keys seals our shares to ``peer`` and opens ``peer``'s shares to us."""
+        cached = self._c_secrets.get(peer)
+        if cached is None:
+            cached = keys.agree(self._round_keys().c_private, self._adverts[peer].c_public)
+            self._c_secrets[peer] = cached
+        return cached
 
     def _round_keys(self) -> keys.RoundKeys:
         if self._keys is None:
