@@ -9,16 +9,19 @@ coordinator has the input for it, so the same session runs in a blocking partici
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from conclave.core.errors import ConclaveError, RemoteProtocolError
 from conclave.core.ports import CoordinatorService
+from conclave.core.secagg.config import SecAggConfig
 from conclave.core.secagg.messages import KeyBundle, ShareBundle, UnmaskRequest
 from conclave.core.secagg.participant import SecAggParticipant
 from conclave.core.secagg.setup import IDENTITY_CAPABILITY, SecAggSetup
@@ -31,6 +34,15 @@ def identity_capability(key: Ed25519PrivateKey) -> dict[str, str]:
     """The Join capability that lets a participant take part in secure aggregation."""
     raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     return {IDENTITY_CAPABILITY: raw.hex()}
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_setup(payload: bytes) -> tuple[SecAggSetup, SecAggConfig,
+                                          Mapping[str, Ed25519PublicKey]]:
+    """Parse a round's public setup. Cached: the virtual participants of a simulation share one
+    process and receive identical bytes; everything here is public and immutable."""
+    setup = SecAggSetup.from_bytes(payload)
+    return setup, setup.config(), MappingProxyType(setup.public_keys())
 
 
 @dataclass(slots=True)
@@ -48,7 +60,7 @@ class SecureSession:
         self.name = name
         self._before_send = before_send
         self.task = task
-        setup = SecAggSetup.from_bytes(setup_payload)
+        setup, config, public = _parse_setup(setup_payload)
         if setup.run_id != task.run_id or setup.round != task.round:
             raise RemoteProtocolError("secure-aggregation setup is for another run or round")
         own = identity.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -59,9 +71,8 @@ class SecureSession:
             raise RemoteProtocolError("secure-aggregation setup has the wrong vector length")
         self.setup = setup
         self._codec = setup.codec()
-        self._machine = SecAggParticipant(config=setup.config(), participant_id=name,
-                                          identity_key=identity,
-                                          identity_keys=setup.public_keys())
+        self._machine = SecAggParticipant(config=config, participant_id=name,
+                                          identity_key=identity, identity_keys=public)
         self._encoded: np.ndarray | None = None
         self.next_step = SecAggStep.ADVERTISE
         self.done = False

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from conclave.coordinator.service import Coordinator, RoundTiming
 from conclave.core.ports import CoordinatorService, Ledger, Trainer, TrainerFactory
@@ -35,6 +36,8 @@ from conclave.participant.secure import StageMessage
 from conclave.transport.memory import MemoryTransport
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class SimulatedClock:
@@ -118,7 +121,7 @@ class Simulation:
                 secure = [a for a in self.agents if a.in_secure_round]
                 # Secure aggregation sums exactly in a ring: the order of steps cannot change
                 # the result, so sessions advance in parallel.
-                if secure and any(list(pool.map(lambda a: a.step(0.0), secure))):
+                if secure and any(self._map(pool, lambda a: a.step(0.0), secure)):
                     continue
                 due = self.coordinator.next_deadline()
                 if due is None:
@@ -131,15 +134,17 @@ class Simulation:
         return SimulationResult(summary=self.coordinator.summary(),
                                 run_id=self.coordinator.run_id)
 
+    def _map(self, pool: ThreadPoolExecutor, fn: Callable[[T], R], items: list[T]) -> list[R]:
+        if self.workers == 1:
+            return [fn(item) for item in items]
+        return list(pool.map(fn, items))
+
     def _perform(self, pool: ThreadPoolExecutor,
                  work: list[tuple[ParticipantAgent, Task]]) -> None:
         window = max(1, 4 * self.workers)
         for start in range(0, len(work), window):
             batch = work[start:start + window]
-            if self.workers == 1:
-                results = [_prepare(agent, task) for agent, task in batch]
-            else:
-                results = list(pool.map(lambda at: _prepare(at[0], at[1]), batch))
+            results = self._map(pool, lambda at: _prepare(at[0], at[1]), batch)
             for (agent, _), result in zip(batch, results, strict=True):
                 agent.submit(result)
 

@@ -93,13 +93,18 @@ class FixedPointCodec:
 
     def encode(self, values: npt.ArrayLike) -> RingArray:
         """Clip to [-clip, clip] and quantise to the nearest level. NaN/Inf are rejected."""
-        x = np.asarray(values, dtype=np.float64)
-        if not np.all(np.isfinite(x)):
+        x = np.array(values, dtype=np.float64)  # a private copy, worked on in place
+        return self._encode_in_place(x)
+
+    def _encode_in_place(self, x: Floats) -> RingArray:
+        if not np.isfinite(x).all():
             raise InvalidUpdate("update contains NaN or Inf")
-        clipped = np.clip(x, -self.clip, self.clip)
-        q = np.rint((clipped + self.clip) / self.step)
-        q = np.clip(q, 0.0, float(self.levels))
-        encoded: RingArray = q.astype(self.dtype)
+        np.clip(x, -self.clip, self.clip, out=x)
+        x += self.clip
+        x /= self.step
+        np.rint(x, out=x)
+        np.clip(x, 0.0, float(self.levels), out=x)
+        encoded: RingArray = x.astype(self.dtype)
         return encoded
 
     def decode(self, encoded: RingArray) -> Floats:
@@ -123,11 +128,15 @@ class FixedPointCodec:
         if not (math.isfinite(weight) and 0 <= weight <= max_weight):
             raise InvalidUpdate(f"weight {weight!r} outside [0, {max_weight}]")
         fraction = weight / max_weight
-        x = np.asarray(values, dtype=np.float64)
-        if not np.all(np.isfinite(x)):
+        flat = np.asarray(values, dtype=np.float64).reshape(-1)
+        x = np.empty(flat.size + 1, dtype=np.float64)
+        x[:-1] = flat
+        if not np.isfinite(x[:-1]).all():
             raise InvalidUpdate("update contains NaN or Inf")
-        scaled = np.clip(x, -self.clip, self.clip) * fraction
-        return self.encode(np.append(scaled, fraction * self.clip))
+        np.clip(x[:-1], -self.clip, self.clip, out=x[:-1])
+        x[:-1] *= fraction
+        x[-1] = fraction * self.clip
+        return self._encode_in_place(x)
 
     def decode_weighted_mean(self, total: RingArray, count: int) -> Floats:
         """Weighted mean of the clipped updates from the ring sum of ``count`` weighted encodings.
