@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conclave.core.errors import LedgerError
+from conclave.core.errors import CheckpointCorrupted, ConfigError, LedgerError
 from conclave.core.parameters import Parameters
 from conclave.core.ports import Ledger
 from conclave.core.records import ContributionRecord, ParticipantEvent, RoundRecord, RunRecord
@@ -144,6 +145,12 @@ UNKNOWN_RUN_CALLS: dict[str, Callable[[Ledger], object]] = {
     "contributions": lambda lg: lg.contributions("nope"),
     "checkpoints": lambda lg: lg.checkpoints("nope"),
     "load_checkpoint": lambda lg: lg.load_checkpoint("nope", 1),
+    "prune_checkpoints": lambda lg: lg.prune_checkpoints("nope", keep_last=1, keep_every=0),
+    "latest_checkpoint": lambda lg: lg.latest_checkpoint("nope"),
+    "spool_update": lambda lg: lg.spool_update("nope", 1, "a", make_params()),
+    "spooled_participants": lambda lg: lg.spooled_participants("nope", 1),
+    "load_spooled": lambda lg: lg.load_spooled("nope", 1, "a"),
+    "clear_spool": lambda lg: lg.clear_spool("nope", 1),
 }
 
 
@@ -385,3 +392,195 @@ def test_closed_ledger_refuses_calls(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="closed"):
         ledger.create_run(make_run("other"))
     ledger.close()  # closing twice is harmless
+
+
+# -- attempts --------------------------------------------------------------------------------
+def test_round_attempt_round_trips_and_a_retry_replaces_the_record(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    ledger.start_round(make_round(1))
+    assert ledger.rounds(RUN)[0].attempt == 1
+    ledger.finish_round(RUN, 1, TaskKind.FIT, RoundStatus.FAILED, finished_at=2.0)
+    retry = dataclasses.replace(make_round(1, selected=("c",)), attempt=2)
+    ledger.start_round(retry)
+    assert list(ledger.rounds(RUN)) == [retry]
+    ledger.commit_round(RUN, 1, make_params(), finished_at=3.0)
+    (committed,) = ledger.rounds(RUN)
+    assert (committed.attempt, committed.status) == (2, RoundStatus.COMMITTED)
+
+
+# -- update spool ----------------------------------------------------------------------------
+def test_spooled_update_round_trips_with_its_digest(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    update = make_params(3.5)
+    ledger.spool_update(RUN, 4, "site.a-1_x", update)
+    loaded = ledger.load_spooled(RUN, 4, "site.a-1_x")
+    assert loaded == update
+    assert loaded.digest() == update.digest()
+    assert loaded.names == ("w", "b")
+    assert list(ledger.spooled_participants(RUN, 4)) == ["site.a-1_x"]
+    assert list(ledger.spooled_participants(RUN, 5)) == []
+
+
+def test_spool_keeps_a_copy_not_the_callers_arrays(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    update = make_params(1.0)
+    ledger.spool_update(RUN, 1, "a", update)
+    update.flat[:] = 42.0
+    assert ledger.load_spooled(RUN, 1, "a") == make_params(1.0)
+
+
+def test_spooled_participants_are_sorted_and_overwrite_replaces(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    for name in ("zed", "..", "a.b", "Alpha", "a"):
+        ledger.spool_update(RUN, 2, name, make_params(1.0))
+    ledger.spool_update(RUN, 2, "zed", make_params(7.0))
+    ledger.spool_update(RUN, 3, "other", make_params(1.0))
+    assert list(ledger.spooled_participants(RUN, 2)) == ["..", "Alpha", "a", "a.b", "zed"]
+    assert ledger.load_spooled(RUN, 2, "zed") == make_params(7.0)
+    assert ledger.load_spooled(RUN, 2, "..") == make_params(1.0)
+
+
+def test_clear_spool_up_to_a_round(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    for round in (1, 2, 3, 4):
+        ledger.spool_update(RUN, round, "a", make_params(float(round)))
+    ledger.clear_spool(RUN, 2)
+    assert [list(ledger.spooled_participants(RUN, r)) for r in (1, 2, 3, 4)] == [
+        [],
+        [],
+        ["a"],
+        ["a"],
+    ]
+    assert ledger.load_spooled(RUN, 3, "a") == make_params(3.0)
+    ledger.clear_spool(RUN, 2)  # nothing left to clear: harmless
+    ledger.clear_spool(RUN, 10)
+    assert list(ledger.spooled_participants(RUN, 4)) == []
+
+
+def test_missing_spooled_update_is_a_ledger_error(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    ledger.spool_update(RUN, 1, "a", make_params())
+    with pytest.raises(LedgerError, match="no spooled update of 'b'") as info:
+        ledger.load_spooled(RUN, 1, "b")
+    assert not isinstance(info.value, CheckpointCorrupted)
+    with pytest.raises(LedgerError, match="no spooled update of 'a' for round 2"):
+        ledger.load_spooled(RUN, 2, "a")
+    with pytest.raises(LedgerError, match="empty name"):
+        ledger.spool_update(RUN, 1, "", make_params())
+
+
+def test_spools_of_runs_are_separate(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    ledger.create_run(make_run("run-2"))
+    ledger.spool_update(RUN, 1, "a", make_params(1.0))
+    ledger.spool_update("run-2", 1, "b", make_params(2.0))
+    ledger.clear_spool("run-2", 1)
+    assert list(ledger.spooled_participants(RUN, 1)) == ["a"]
+    assert list(ledger.spooled_participants("run-2", 1)) == []
+
+
+# -- retention and recovery ------------------------------------------------------------------
+def commit_rounds(ledger: Ledger, rounds: range) -> None:
+    for number in rounds:
+        ledger.start_round(make_round(number))
+        ledger.commit_round(RUN, number, make_params(float(number)), finished_at=200.0 + number)
+
+
+@pytest.mark.parametrize(
+    ("keep_last", "keep_every", "deleted", "remaining"),
+    [
+        (2, 0, [1, 2, 3, 4, 5, 6, 7, 8], [9, 10]),
+        (3, 4, [1, 2, 3, 5, 6, 7], [4, 8, 9, 10]),
+        (0, 0, [1, 2, 3, 4, 5, 6, 7, 8, 9], [10]),
+        (1, 3, [1, 2, 4, 5, 7, 8], [3, 6, 9, 10]),
+        (20, 0, [], list(range(1, 11))),
+    ],
+)
+def test_prune_checkpoints(
+    ledger: Ledger, keep_last: int, keep_every: int, deleted: list[int], remaining: list[int]
+) -> None:
+    ledger.create_run(make_run())
+    commit_rounds(ledger, range(1, 11))
+    digests = {r.round: r.model_digest for r in ledger.rounds(RUN)}
+    assert ledger.prune_checkpoints(RUN, keep_last=keep_last, keep_every=keep_every) == deleted
+    assert [c.round for c in ledger.checkpoints(RUN)] == remaining
+    assert {r.round: r.model_digest for r in ledger.rounds(RUN)} == digests
+    for number in remaining:
+        assert ledger.load_checkpoint(RUN, number) == make_params(float(number))
+    for number in deleted:
+        with pytest.raises(LedgerError, match=f"no checkpoint for round {number}"):
+            ledger.load_checkpoint(RUN, number)
+    assert ledger.prune_checkpoints(RUN, keep_last=keep_last, keep_every=keep_every) == []
+
+
+def test_prune_refuses_negative_settings(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    commit_rounds(ledger, range(1, 3))
+    with pytest.raises(ConfigError, match="keep_last"):
+        ledger.prune_checkpoints(RUN, keep_last=-1, keep_every=0)
+    with pytest.raises(ConfigError, match="keep_every"):
+        ledger.prune_checkpoints(RUN, keep_last=1, keep_every=-2)
+    assert [c.round for c in ledger.checkpoints(RUN)] == [1, 2]
+
+
+def test_latest_checkpoint_of_a_healthy_run(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    assert ledger.latest_checkpoint(RUN) is None
+    commit_rounds(ledger, range(1, 4))
+    assert ledger.latest_checkpoint(RUN) == (3, make_params(3.0), [])
+
+
+def damage_checkpoint(ledger: Ledger, round: int, how: str) -> None:
+    """Truncate ("truncate"), flip a payload byte ("flip") or delete ("delete") a checkpoint."""
+    if isinstance(ledger, SqliteLedger):
+        path = Path(next(c.path for c in ledger.checkpoints(RUN) if c.round == round))
+        data = path.read_bytes()
+        if how == "delete":
+            path.unlink()
+        else:
+            path.write_bytes(data[:-7] if how == "truncate" else flip_last_bytes(data))
+        return
+    assert isinstance(ledger, MemoryLedger)
+    blobs = ledger._runs[RUN].blobs  # the in-memory "file"; no public way to damage it
+    if how == "delete":
+        blobs[round] = b""
+    else:
+        data = blobs[round]
+        blobs[round] = data[:-7] if how == "truncate" else flip_last_bytes(data)
+
+
+def flip_last_bytes(data: bytes) -> bytes:
+    return data[:-3] + bytes([data[-3] ^ 0x40]) + data[-2:]
+
+
+def test_latest_checkpoint_walks_back_past_a_truncated_one(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    commit_rounds(ledger, range(1, 4))
+    damage_checkpoint(ledger, 3, "truncate")
+    found = ledger.latest_checkpoint(RUN)
+    assert found is not None
+    round, parameters, problems = found
+    assert (round, parameters) == (2, make_params(2.0))
+    assert len(problems) == 1
+    assert problems[0].startswith("round 3: checkpoint ")
+    assert "round-00003.ckpt is truncated" in problems[0]
+
+
+def test_latest_checkpoint_names_every_skipped_one(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    commit_rounds(ledger, range(1, 5))
+    damage_checkpoint(ledger, 4, "flip")
+    damage_checkpoint(ledger, 3, "delete")
+    found = ledger.latest_checkpoint(RUN)
+    assert found is not None
+    assert found[:2] == (2, make_params(2.0))
+    assert [p.split(":")[0] for p in found[2]] == ["round 4", "round 3"]
+    assert "round-00004.ckpt is corrupted" in found[2][0]
+
+
+def test_latest_checkpoint_is_none_when_all_are_corrupt(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    commit_rounds(ledger, range(1, 3))
+    damage_checkpoint(ledger, 1, "flip")
+    damage_checkpoint(ledger, 2, "truncate")
+    assert ledger.latest_checkpoint(RUN) is None

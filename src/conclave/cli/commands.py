@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 
 from conclave.cli.main import read_spec, write_summary
 from conclave.cli.progress import RoundProgress
+from conclave.coordinator.recovery import recover, unfinished_run
 from conclave.coordinator.service import Coordinator, RoundTiming
 from conclave.core.errors import ConfigError, TransportError
 from conclave.core.ports import Ledger
@@ -39,12 +41,28 @@ def _progress_hook(progress: RoundProgress) -> Any:
     return on_round
 
 
-def _make_coordinator(spec: RunSpec, ledger: Ledger, progress: RoundProgress | None) -> Coordinator:
+def _make_coordinator(spec: RunSpec, ledger: Ledger, progress: RoundProgress | None, *,
+                      resume: bool = False,
+                      fault: Callable[[str, int], None] | None = None) -> Coordinator:
+    """A coordinator for ``spec``; with ``resume``, it continues the newest unfinished run of
+    the same spec in the ledger (if there is one) from where it stopped."""
     factory = load_trainer_factory(spec.task.trainer)
     initial = build_trainer(factory, TrainerContext(
         participant=None, seed=spec.seed, options=dict(spec.task.options))).get_weights()
-    return Coordinator(spec=spec, ledger=ledger, initial=initial,
-                       on_round=_progress_hook(progress) if progress else None)
+    hook = _progress_hook(progress) if progress else None
+    run = unfinished_run(ledger, spec.source) if resume else None
+    if run is None:
+        return Coordinator(spec=spec, ledger=ledger, initial=initial, on_round=hook, fault=fault)
+    found = recover(ledger, run)
+    for problem in found.problems:
+        print(f"conclave: warning: {problem}; using the checkpoint before it", file=sys.stderr)
+    point = dataclasses.replace(found.point, epoch=int(time.time()))
+    where = (f"{point.kind.value} round {point.round} in progress" if point.round
+             else "no round in progress")
+    print(f"resuming run {run.run_id} after round {point.completed_rounds} ({where})",
+          flush=True)
+    return Coordinator(spec=spec, ledger=ledger, initial=found.parameters or initial,
+                       on_round=hook, run_id=run.run_id, resume=point, fault=fault)
 
 
 # -- simulate -------------------------------------------------------------------------------
@@ -72,8 +90,10 @@ def simulate(args: argparse.Namespace) -> int:
 def coordinator(args: argparse.Namespace) -> int:
     spec = read_spec(args.spec).with_overrides(rounds=args.rounds)
     ledger = SqliteLedger(args.state_dir)
-    coord = _make_coordinator(spec, ledger, RoundProgress(spec.rounds, stream=sys.stderr,
-                                                        evaluates_every_round=spec.evaluation.every_rounds == 1))
+    progress = RoundProgress(spec.rounds, stream=sys.stderr,
+                             evaluates_every_round=spec.evaluation.every_rounds == 1)
+    coord = _make_coordinator(spec, ledger, progress, resume=not args.new_run,
+                              fault=_coordinator_crash_hook(args.crash_at))
     server = GrpcServer(coord, args.address, max_model_bytes=spec.federation.max_model_bytes)
     address = server.start()
     print(f"coordinator listening on {address} (run {coord.run_id})", flush=True)
@@ -132,6 +152,23 @@ def participant(args: argparse.Namespace) -> int:
           f"{stats.evaluations} evaluation task(s) done, {len(stats.rejected)} rejected, "
           f"{len(stats.failures)} trainer failure(s)", flush=True)
     return 0
+
+
+def _coordinator_crash_hook(spec: str | None) -> Callable[[str, int], None] | None:
+    if spec is None:
+        return None
+    point, _, round_text = spec.partition(":")
+    points = ("selection", "upload", "aggregation", "commit", "unmask")
+    if point not in points or not round_text.isdigit():
+        raise ConfigError("--crash-at", spec, f"POINT:ROUND with POINT one of {', '.join(points)}")
+    target = (point, int(round_text))
+
+    def hook(at: str, rnd: int) -> None:
+        if (at, rnd) == target:
+            print(f"crash-at {spec}: exiting now", file=sys.stderr, flush=True)
+            os._exit(137)
+
+    return hook
 
 
 def _crash_hook(spec: str | None) -> Callable[[SecAggStep, int], bool | None] | None:

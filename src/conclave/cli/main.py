@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--address", default="127.0.0.1:0",
                        help="HOST:PORT to bind (port 0 picks a free one); default 127.0.0.1:0")
     coord.add_argument("--rounds", type=int, default=None)
+    coord.add_argument("--new-run", action="store_true",
+                       help="start a new run even if the state dir holds an unfinished run of "
+                            "this spec (by default that run is resumed)")
+    coord.add_argument("--crash-at", default=None, metavar="POINT:ROUND",
+                       help="fault injection for tests: exit at once (like SIGKILL) at POINT "
+                            "(selection, upload, aggregation, commit, unmask) of ROUND")
 
     part = sub.add_parser("participant", help="join a coordinator and train on local data")
     part.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")

@@ -16,11 +16,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from conclave.core.aggregation.fedavg import WeightedMean
 from conclave.core.errors import RemoteProtocolError
 from conclave.core.parameters import Parameters
 from conclave.core.ports import Ledger
 from conclave.core.records import ContributionRecord, ParticipantEvent, RoundRecord, RunRecord
 from conclave.core.rounds.events import (
+    AggregateComputed,
+    AggregateInOrder,
     ArmTimer,
     CloseRound,
     Command,
@@ -36,12 +39,13 @@ from conclave.core.rounds.events import (
     RecordStage,
     Reply,
     RunStarted,
+    SpoolUpdate,
     StageReceived,
     StartRound,
     Timer,
     UpdateReceived,
 )
-from conclave.core.rounds.machine import RunMachine
+from conclave.core.rounds.machine import ResumePoint, RunMachine
 from conclave.core.secagg.setup import IDENTITY_CAPABILITY
 from conclave.core.spec import RunSpec
 from conclave.core.types import (
@@ -89,15 +93,25 @@ class Coordinator:
         run_id: str | None = None,
         on_round: Callable[[RoundTiming], None] | None = None,
         detect_lost: bool = True,
+        spool: bool = True,
+        resume: ResumePoint | None = None,
+        fault: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``spool``: make accepted updates durable before acknowledging them, and aggregate
+        in canonical order from the spool (off in simulation, whose order is canonical).
+        ``resume``: continue run ``run_id`` from its ledger (see ``coordinator.recovery``).
+        ``fault(point, round)``: a test hook called at named points (fault injection)."""
         self.spec = spec
         self._detect_lost = detect_lost
+        self._spool = spool
+        self._fault = fault
         self.run_id = run_id or f"{spec.name}-{uuid.uuid4().hex[:12]}"
         self._ledger = ledger
         self._clock = clock
         self._on_round = on_round
         self._cond = threading.Condition()
-        self._machine = RunMachine(run_id=self.run_id, spec=spec, initial=initial)
+        self._machine = RunMachine(run_id=self.run_id, spec=spec, initial=initial,
+                                   resume=resume)
         self._timers: dict[tuple[Timer, int, int], float] = {}
         self._last_seen: dict[str, float] = {}
         self._ever_joined: set[str] = set()
@@ -109,10 +123,15 @@ class Coordinator:
         self._final_evaluation: dict[str, dict[str, float]] = {}
         self._timings: list[RoundTiming] = []
         self._started_at = clock()
-        ledger.create_run(RunRecord(
-            run_id=self.run_id, name=spec.name, spec_toml=spec.source, seed=spec.seed,
-            status=RunStatus.RUNNING, created_at=self._started_at,
-        ))
+        if resume is None:
+            ledger.create_run(RunRecord(
+                run_id=self.run_id, name=spec.name, spec_toml=spec.source, seed=spec.seed,
+                status=RunStatus.RUNNING, created_at=self._started_at,
+            ))
+        else:
+            ledger.set_run_status(self.run_id, RunStatus.RUNNING,
+                                  f"resumed after round {resume.completed_rounds}")
+            self._final_evaluation = {p: dict(m) for p, m in resume.last_evaluation.items()}
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -272,6 +291,7 @@ class Coordinator:
 
     def submit_update(self, update: Update) -> Verdict:
         digest = update.digest or update.parameters.digest()
+        self._hit("upload", update.round)
         with self._cond:
             self._check_member(update.run_id, update.participant)
             self._seen(update.participant)
@@ -339,8 +359,9 @@ class Coordinator:
             case StartRound(round=r, kind=kind, attempt=attempt, selected=selected):
                 self._ledger.start_round(RoundRecord(
                     run_id=self.run_id, round=r, kind=kind, status=RoundStatus.RUNNING,
-                    selected=selected, started_at=now,
+                    selected=selected, started_at=now, attempt=attempt,
                 ))
+                self._hit("selection", r)
                 for p in selected:
                     self._event(p, ParticipantState.TASKED, f"{kind.value} round {r} attempt {attempt}")
                 self._timings.append(RoundTiming(round=r, kind=kind, started_at=now))
@@ -354,14 +375,28 @@ class Coordinator:
             case Reply():
                 pass
             case RecordStage(round=r, step=step, completed=done, dropped=missing):
+                if step is SecAggStep.MASKED_INPUT:
+                    self._hit("unmask", r)
                 for p in done:
                     self._event(p, ParticipantState.ACCEPTED,
                                 f"secure aggregation round {r}: completed {step.value}")
                 for p in missing:
                     self._event(p, ParticipantState.LOST,
                                 f"secure aggregation round {r}: nothing at {step.value}")
+            case SpoolUpdate(round=r, participant=p, parameters=params):
+                if self._spool:
+                    self._ledger.spool_update(self.run_id, r, p, params)
+            case AggregateInOrder(round=r, contributors=contributors, streamed=streamed):
+                self._hit("aggregation", r)
+                self._apply(AggregateComputed(r, self._aggregate_in_order(r, contributors,
+                                                                          streamed)))
             case CommitRound(round=r, parameters=params, metrics=metrics):
+                self._hit("aggregation", r)
                 self._ledger.commit_round(self.run_id, r, params, finished_at=now, metrics=metrics)
+                self._hit("commit", r)
+                if self._spool:
+                    self._ledger.clear_spool(self.run_id, r)
+                self._retain_checkpoints()
                 self._drop_timers(Timer.FIT)
                 self._close_timing(r, TaskKind.FIT, now, metrics)
                 logger.info("round %d committed: %s", r, _fmt(metrics))
@@ -379,6 +414,27 @@ class Coordinator:
                 self._finish(RunStatus.FINISHED, f"{n} round(s) committed")
             case FailRun(reason=reason):
                 self._finish(RunStatus.FAILED, reason)
+
+    def _hit(self, point: str, round_: int) -> None:
+        if self._fault is not None:
+            self._fault(point, round_)
+
+    def _aggregate_in_order(self, round_: int, contributors: tuple[tuple[str, int], ...],
+                            streamed: Parameters) -> Parameters:
+        """The weighted mean of the spooled updates, in sorted participant order (one update
+        in memory at a time), so the model does not depend on the order they arrived in."""
+        if not self._spool:
+            return streamed
+        agg = WeightedMean(streamed.layout)
+        for participant, weight in contributors:
+            agg.add(self._ledger.load_spooled(self.run_id, round_, participant), weight)
+        return agg.result()
+
+    def _retain_checkpoints(self) -> None:
+        keep = self.spec.checkpoints
+        if keep.keep_last > 0:
+            self._ledger.prune_checkpoints(self.run_id, keep_last=keep.keep_last,
+                                           keep_every=keep.keep_every)
 
     def _drop_timers(self, timer: Timer) -> None:
         self._timers = {k: v for k, v in self._timers.items() if k[0] is not timer}

@@ -115,6 +115,38 @@ class Ledger(Protocol):
         """Read a checkpoint back, checking its digest (CheckpointCorrupted if it differs)."""
         ...
 
+    def prune_checkpoints(self, run_id: str, *, keep_last: int, keep_every: int) -> list[int]:
+        """Delete checkpoints except the newest ``keep_last`` and every round divisible by
+        ``keep_every`` (0: none extra); the newest is never deleted. Returns the rounds
+        deleted, ascending. Rounds keep their ``model_digest``."""
+        ...
+
+    def latest_checkpoint(self, run_id: str) -> tuple[int, Parameters, list[str]] | None:
+        """The newest checkpoint that loads and matches its digest, as (round, parameters,
+        problems): walking back past damaged or missing ones, ``problems`` holds one line per
+        checkpoint skipped. None when no checkpoint of the run is usable."""
+        ...
+
+    def spool_update(
+        self, run_id: str, round: int, participant: str, parameters: Parameters
+    ) -> None:
+        """Keep an accepted update of the round in progress so that it survives a crash of
+        the coordinator (durable when this returns); replaces one spooled before."""
+        ...
+
+    def spooled_participants(self, run_id: str, round: int) -> Sequence[str]:
+        """The participants with a spooled update in ``round``, sorted."""
+        ...
+
+    def load_spooled(self, run_id: str, round: int, participant: str) -> Parameters:
+        """Read a spooled update back, checking its digest (CheckpointCorrupted if damaged,
+        LedgerError if there is none)."""
+        ...
+
+    def clear_spool(self, run_id: str, up_to_round: int) -> None:
+        """Delete the spooled updates of every round <= ``up_to_round``."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -37,6 +37,9 @@ class RoundRecord:
     model_digest: str = ""
     metrics: Metrics = field(default_factory=dict)
     reason: str = ""
+    attempt: int = 1
+    """Which attempt of this round the record describes: a round that missed its quorum is
+    started again (replacing its record) with ``attempt + 1``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

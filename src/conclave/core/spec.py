@@ -101,6 +101,14 @@ class FederationSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointSpec:
+    keep_last: int = 0
+    """Keep the newest N checkpoints (0: keep every one)."""
+    keep_every: int = 0
+    """Also keep every M-th round's checkpoint (0: none beyond keep_last)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SimulationSpec:
     participants: int = 4
     name_format: str = "participant-{i}"
@@ -121,6 +129,7 @@ class RunSpec:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     federation: FederationSpec = field(default_factory=FederationSpec)
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
+    checkpoints: CheckpointSpec = field(default_factory=CheckpointSpec)
     secure_aggregation: SecureAggregationSpec | None = None
     """None: plain aggregation (the coordinator sees each update)."""
     source: str = ""
@@ -308,6 +317,9 @@ def _build(root: _Table, source: str) -> RunSpec:
     if simulation.participants < min_participants:
         raise ConfigError("simulation.participants", simulation.participants,
                           f"at least selection.min_participants ({min_participants})")
+    ck = root.table("checkpoints")
+    checkpoints = CheckpointSpec(keep_last=ck.int("keep_last", 0), keep_every=ck.int("keep_every", 0))
+    ck.check_unknown()
     secure = _secure(root, selection_spec := SelectionSpec(
         participants_per_round=per_round, min_participants=min_participants,
         min_quorum=min_quorum, max_round_attempts=attempts), federation)
@@ -319,7 +331,8 @@ def _build(root: _Table, source: str) -> RunSpec:
         strategy=strategy,
         selection=selection_spec,
         deadlines=deadlines, evaluation=evaluation, federation=federation,
-        simulation=simulation, secure_aggregation=secure, source=source,
+        simulation=simulation, checkpoints=checkpoints, secure_aggregation=secure,
+        source=source,
     )
 
 

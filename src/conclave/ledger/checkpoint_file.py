@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -29,6 +30,8 @@ from pathlib import Path
 
 from conclave.core.errors import CheckpointCorrupted, LedgerError
 from conclave.core.parameters import Layout, Parameters
+
+logger = logging.getLogger(__name__)
 
 MAGIC = b"CONCLAVE-CKPT\x00"
 FORMAT_VERSION = 1
@@ -50,52 +53,57 @@ def encode_checkpoint(parameters: Parameters) -> bytes:
 
 
 def decode_checkpoint(
-    data: bytes | bytearray | memoryview, *, source: str, expected_digest: str | None = None
+    data: bytes | bytearray | memoryview,
+    *,
+    source: str,
+    expected_digest: str | None = None,
+    what: str = "checkpoint",
 ) -> Parameters:
-    """Parse checkpoint bytes; ``source`` names the file in error messages.
+    """Parse checkpoint bytes; ``what`` and ``source`` name the file in error messages
+    (spooled updates use this format too, as ``what="spooled update"``).
 
     Raises ``CheckpointCorrupted`` when the bytes are truncated, altered or do not match
     ``expected_digest``; ``LedgerError`` when the file was written by a newer format version.
     """
+    label = f"{what} {source}"
     view = memoryview(data).cast("B")
     if len(view) < _PREFIX.size:
-        raise CheckpointCorrupted(f"checkpoint {source} is truncated: {len(view)} bytes")
+        raise CheckpointCorrupted(f"{label} is truncated: {len(view)} bytes")
     magic, version, desc_len = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
-        raise CheckpointCorrupted(f"checkpoint {source} is not a Conclave checkpoint file")
+        raise CheckpointCorrupted(f"{label} is not a Conclave checkpoint file")
     if version > FORMAT_VERSION:
         raise LedgerError(
-            f"checkpoint {source} has format version {version}; "
-            f"this Conclave reads up to {FORMAT_VERSION}"
+            f"{label} has format version {version}; this Conclave reads up to {FORMAT_VERSION}"
         )
     desc_end = _PREFIX.size + desc_len
     if desc_len > _MAX_DESCRIPTION_BYTES or desc_end > len(view):
-        raise CheckpointCorrupted(f"checkpoint {source} is truncated inside its description")
+        raise CheckpointCorrupted(f"{label} is truncated inside its description")
     layout, recorded_digest, payload_bytes = _parse_description(
-        bytes(view[_PREFIX.size : desc_end]), source
+        bytes(view[_PREFIX.size : desc_end]), label
     )
     payload = view[desc_end:]
     if payload_bytes != layout.nbytes or len(payload) != layout.nbytes:
+        problem = "is truncated" if len(payload) < layout.nbytes else "is corrupted"
         raise CheckpointCorrupted(
-            f"checkpoint {source} holds {len(payload)} payload bytes; "
+            f"{label} {problem}: it holds {len(payload)} payload bytes; "
             f"its layout [{layout.describe()}] needs {layout.nbytes}"
         )
     parameters = Parameters.from_bytes(layout, bytes(payload))
     actual = parameters.digest()
     if actual != recorded_digest:
         raise CheckpointCorrupted(
-            f"checkpoint {source} is corrupted: its content has digest {actual[:12]}, "
+            f"{label} is corrupted: its content has digest {actual[:12]}, "
             f"the file says {recorded_digest[:12]}"
         )
     if expected_digest is not None and actual != expected_digest:
         raise CheckpointCorrupted(
-            f"checkpoint {source} has digest {actual[:12]}, "
-            f"but the ledger recorded {expected_digest[:12]}"
+            f"{label} has digest {actual[:12]}, but the ledger recorded {expected_digest[:12]}"
         )
     return parameters
 
 
-def _parse_description(raw: bytes, source: str) -> tuple[Layout, str, int]:
+def _parse_description(raw: bytes, label: str) -> tuple[Layout, str, int]:
     try:
         desc = json.loads(raw.decode("utf-8"))
         entries = [(str(name), tuple(int(d) for d in shape)) for name, shape in desc["layout"]]
@@ -103,9 +111,9 @@ def _parse_description(raw: bytes, source: str) -> tuple[Layout, str, int]:
         digest = desc["digest"]
         payload_bytes = desc["payload_bytes"]
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointCorrupted(f"checkpoint {source} has an unreadable description") from exc
+        raise CheckpointCorrupted(f"{label} has an unreadable description") from exc
     if not isinstance(digest, str) or not isinstance(payload_bytes, int):
-        raise CheckpointCorrupted(f"checkpoint {source} has an unreadable description")
+        raise CheckpointCorrupted(f"{label} has an unreadable description")
     return layout, digest, payload_bytes
 
 
@@ -128,21 +136,38 @@ def write_checkpoint(path: Path, parameters: Parameters) -> int:
         except BaseException:
             _unlink_quietly(Path(tmp_name))
             raise
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except OSError as exc:
         raise LedgerError(f"cannot write checkpoint {path}: {exc}") from exc
     return len(data)
 
 
-def read_checkpoint(path: Path, *, expected_digest: str | None = None) -> Parameters:
+def read_checkpoint(
+    path: Path, *, expected_digest: str | None = None, what: str = "checkpoint"
+) -> Parameters:
     """Read and verify a checkpoint file (``CheckpointCorrupted`` if missing or damaged)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
-        raise CheckpointCorrupted(f"checkpoint {path} is missing") from exc
+        raise CheckpointCorrupted(f"{what} {path} is missing") from exc
     except OSError as exc:
-        raise LedgerError(f"cannot read checkpoint {path}: {exc}") from exc
-    return decode_checkpoint(data, source=str(path), expected_digest=expected_digest)
+        raise LedgerError(f"cannot read {what} {path}: {exc}") from exc
+    return decode_checkpoint(data, source=str(path), expected_digest=expected_digest, what=what)
+
+
+def delete_checkpoint_files(paths: list[Path]) -> None:
+    """Delete files the ledger no longer references (pruned checkpoints) and sync their
+    folders. A file that cannot be deleted is only wasted space: log it and go on."""
+    folders: set[Path] = set()
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("cannot delete unreferenced checkpoint %s: %s", path, exc)
+        folders.add(path.parent)
+    for folder in sorted(folders):
+        with contextlib.suppress(OSError):
+            fsync_dir(folder)
 
 
 def _make_dirs_durably(folder: Path) -> None:
@@ -153,10 +178,10 @@ def _make_dirs_durably(folder: Path) -> None:
         current = current.parent
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
-        _fsync_dir(new.parent)
+        fsync_dir(new.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     if os.name != "posix":  # directories cannot be opened for fsync on Windows
         return
     fd = os.open(folder, os.O_RDONLY)

@@ -2,7 +2,7 @@
 
 It follows the same contract as ``SqliteLedger`` (the contract tests run against both):
 the same errors for unknown runs and illegal round transitions, the same ordering, and
-checkpoints kept as encoded bytes that are digest-checked when read back.
+checkpoints and spooled updates kept as encoded bytes that are digest-checked when read back.
 """
 
 from __future__ import annotations
@@ -23,11 +23,17 @@ from conclave.core.records import (
 from conclave.core.types import RoundStatus, RunStatus, TaskKind
 from conclave.ledger.checkpoint_file import decode_checkpoint, encode_checkpoint
 from conclave.ledger.lifecycle import (
+    SPOOLED_UPDATE,
     check_committable,
     check_finishable,
     check_startable,
     checkpoint_relpath,
+    checkpoints_to_prune,
+    latest_usable,
     round_sort_key,
+    spool_file_name,
+    spool_round_folder,
+    spool_run_relpath,
 )
 
 _RoundKey = tuple[int, TaskKind]
@@ -36,7 +42,7 @@ _RoundKey = tuple[int, TaskKind]
 class _RunState:
     """Everything recorded about one run."""
 
-    __slots__ = ("blobs", "checkpoints", "contributions", "events", "record", "rounds")
+    __slots__ = ("blobs", "checkpoints", "contributions", "events", "record", "rounds", "spool")
 
     def __init__(self, record: RunRecord) -> None:
         self.record = record
@@ -45,6 +51,7 @@ class _RunState:
         self.contributions: list[ContributionRecord] = []
         self.checkpoints: dict[int, CheckpointRecord] = {}
         self.blobs: dict[int, bytes] = {}
+        self.spool: dict[int, dict[str, bytes]] = {}
 
 
 class MemoryLedger:
@@ -189,6 +196,51 @@ class MemoryLedger:
                 raise LedgerError(f"run {run_id!r} has no checkpoint for round {round}")
             record, blob = state.checkpoints[round], state.blobs[round]
         return decode_checkpoint(blob, source=record.path, expected_digest=record.digest)
+
+    def prune_checkpoints(self, run_id: str, *, keep_last: int, keep_every: int) -> list[int]:
+        with self._lock:
+            state = self._run(run_id)
+            doomed = checkpoints_to_prune(
+                state.checkpoints, keep_last=keep_last, keep_every=keep_every
+            )
+            for round in doomed:
+                del state.checkpoints[round], state.blobs[round]
+            return doomed
+
+    def latest_checkpoint(self, run_id: str) -> tuple[int, Parameters, list[str]] | None:
+        rounds = [c.round for c in self.checkpoints(run_id)]
+        return latest_usable(rounds, lambda r: self.load_checkpoint(run_id, r))
+
+    # -- update spool -----------------------------------------------------------------------
+    def spool_update(
+        self, run_id: str, round: int, participant: str, parameters: Parameters
+    ) -> None:
+        spool_file_name(participant)  # the same names are refused as on disk
+        blob = encode_checkpoint(parameters)  # a copy: later writes to the caller's arrays
+        with self._lock:
+            self._run(run_id).spool.setdefault(round, {})[participant] = blob
+
+    def spooled_participants(self, run_id: str, round: int) -> Sequence[str]:
+        with self._lock:
+            return sorted(self._run(run_id).spool.get(round, {}))
+
+    def load_spooled(self, run_id: str, round: int, participant: str) -> Parameters:
+        with self._lock:
+            blob = self._run(run_id).spool.get(round, {}).get(participant)
+        if blob is None:
+            raise LedgerError(
+                f"no spooled update of {participant!r} for round {round} of run {run_id!r}"
+            )
+        source = f"memory:{spool_run_relpath(run_id)}/{spool_round_folder(round)}/"
+        return decode_checkpoint(
+            blob, source=source + spool_file_name(participant), what=SPOOLED_UPDATE
+        )
+
+    def clear_spool(self, run_id: str, up_to_round: int) -> None:
+        with self._lock:
+            spool = self._run(run_id).spool
+            for round in [r for r in spool if r <= up_to_round]:
+                del spool[round]
 
     def close(self) -> None:
         with self._lock:

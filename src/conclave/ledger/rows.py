@@ -13,8 +13,11 @@ from conclave.core.records import ContributionRecord, RoundRecord, RunRecord
 from conclave.core.types import ContributionStatus, RoundStatus, RunStatus, TaskKind
 
 ROUND_COLUMNS = (
-    "run_id, round, kind, status, selected, started_at, finished_at, model_digest, metrics, reason"
+    "run_id, round, kind, status, selected, started_at, finished_at, model_digest, metrics, "
+    "reason, attempt"
 )
+# What to select from a version-1 database opened read-only (it cannot be migrated).
+ROUND_COLUMNS_V1 = ROUND_COLUMNS.replace("attempt", "1 AS attempt")
 CONTRIBUTION_COLUMNS = (
     "run_id, round, kind, participant, status, weight, metrics, digest, reason, received_at, "
     "train_seconds"
@@ -46,7 +49,8 @@ def run_record(row: tuple[Any, ...]) -> RunRecord:
 
 
 def round_record(row: tuple[Any, ...]) -> RoundRecord:
-    run_id, round, kind, status, selected, started_at, finished_at, digest, metrics, reason = row
+    run_id, round, kind, status, selected, started_at, finished_at = row[:7]
+    digest, metrics, reason, attempt = row[7:]
     chosen = json.loads(selected)
     if not isinstance(chosen, list):
         raise ValueError(f"selected must be a JSON list, got {selected!r}")
@@ -61,6 +65,7 @@ def round_record(row: tuple[Any, ...]) -> RoundRecord:
         model_digest=str(digest),
         metrics=load_metrics(metrics),
         reason=str(reason),
+        attempt=int(attempt),
     )
 
 

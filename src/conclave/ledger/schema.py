@@ -1,12 +1,19 @@
-"""The SQLite ledger's tables, and the schema version stored in ``PRAGMA user_version``."""
+"""The SQLite ledger's database: its tables, the schema version stored in
+``PRAGMA user_version`` (with migrations from older versions), and opening connections."""
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 from conclave.core.errors import LedgerError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# How to bring a database of version ``n`` up to ``n + 1``.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE rounds ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",),
+}
 
 _TABLES = """
 CREATE TABLE runs (
@@ -29,6 +36,7 @@ CREATE TABLE rounds (
     model_digest  TEXT NOT NULL DEFAULT '',
     metrics       TEXT NOT NULL DEFAULT '{}',
     reason        TEXT NOT NULL DEFAULT '',
+    attempt       INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (run_id, round, kind)
 );
 CREATE TABLE participant_events (
@@ -66,13 +74,49 @@ CREATE TABLE checkpoints (
 """
 
 
+def connect_read_write(db_path: Path, timeout_s: float) -> sqlite3.Connection:
+    """Open (creating or migrating) the database in WAL mode with ``synchronous=FULL``."""
+    conn = sqlite3.connect(
+        db_path, timeout=timeout_s, isolation_level=None, check_same_thread=False
+    )
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise LedgerError(f"cannot put {db_path} in WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        ensure_schema(conn, str(db_path))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect_read_only(db_path: Path, timeout_s: float) -> tuple[sqlite3.Connection, int]:
+    """Open an existing database for reading; returns it with its schema version (an older
+    version cannot be migrated through a read-only connection: the caller adapts)."""
+    uri = f"{db_path.as_uri()}?mode=ro"
+    conn = sqlite3.connect(
+        uri, uri=True, timeout=timeout_s, isolation_level=None, check_same_thread=False
+    )
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        version = schema_version(conn)
+        check_version(version, str(db_path))
+    except BaseException:
+        conn.close()
+        raise
+    return conn, version
+
+
 def schema_version(conn: sqlite3.Connection) -> int:
     row = conn.execute("PRAGMA user_version").fetchone()
     return int(row[0])
 
 
 def ensure_schema(conn: sqlite3.Connection, source: str) -> None:
-    """Create the tables in a new database, or check that an existing one is readable.
+    """Create the tables in a new database, or check an existing one and migrate it to
+    ``SCHEMA_VERSION`` (all in one transaction: a failed migration changes nothing).
 
     ``conn`` must be in autocommit mode (``isolation_level=None``).
     """
@@ -88,6 +132,11 @@ def ensure_schema(conn: sqlite3.Connection, source: str) -> None:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         else:
             check_version(version, source)
+            if version < SCHEMA_VERSION:
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step]:
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

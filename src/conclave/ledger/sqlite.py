@@ -4,6 +4,7 @@ Layout of a state directory::
 
     <state_dir>/ledger.sqlite                        runs, rounds, events, contributions, ...
     <state_dir>/checkpoints/<run>/round-00001.ckpt   one global model per committed FIT round
+    <state_dir>/spool/<run>/round-00002/<name>.upd   accepted updates of the round in progress
 
 Every write method is one transaction with ``synchronous=FULL``: when it returns, the write
 survives a crash or power loss. ``commit_round`` first writes the checkpoint file atomically,
@@ -36,24 +37,32 @@ from conclave.core.types import (
     RunStatus,
     TaskKind,
 )
-from conclave.ledger.checkpoint_file import read_checkpoint, write_checkpoint
+from conclave.ledger.checkpoint_file import (
+    delete_checkpoint_files,
+    read_checkpoint,
+    write_checkpoint,
+)
 from conclave.ledger.lifecycle import (
     check_committable,
     check_finishable,
     check_startable,
     checkpoint_relpath,
+    checkpoints_to_prune,
+    latest_usable,
     round_sort_key,
 )
 from conclave.ledger.rows import (
     CONTRIBUTION_COLUMNS,
     ROUND_COLUMNS,
+    ROUND_COLUMNS_V1,
     RUN_COLUMNS,
     contribution_record,
     dump_metrics,
     round_record,
     run_record,
 )
-from conclave.ledger.schema import check_version, ensure_schema, schema_version
+from conclave.ledger.schema import connect_read_only, connect_read_write
+from conclave.ledger.spool import SpoolFolder
 
 DB_NAME = "ledger.sqlite"
 _BUSY_TIMEOUT_S = 10.0
@@ -68,14 +77,19 @@ class SqliteLedger:
         self._read_only = read_only
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._spool = SpoolFolder(self._state_dir)
+        # A version-1 database opened read-only cannot be migrated: read attempt as 1.
+        self._round_columns = ROUND_COLUMNS
         try:
             if read_only:
                 if not self._db_path.is_file():
                     raise LedgerError(f"no ledger in {self._state_dir} (missing {DB_NAME})")
-                self._conn = self._connect_read_only()
+                self._conn, version = connect_read_only(self._db_path, _BUSY_TIMEOUT_S)
+                if version == 1:
+                    self._round_columns = ROUND_COLUMNS_V1
             else:
                 self._state_dir.mkdir(parents=True, exist_ok=True)
-                self._conn = self._connect_read_write()
+                self._conn = connect_read_write(self._db_path, _BUSY_TIMEOUT_S)
         except sqlite3.Error as exc:
             self.close()
             raise LedgerError(f"cannot open ledger {self._db_path}: {exc}") from exc
@@ -101,32 +115,6 @@ class SqliteLedger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _connect_read_write(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self._db_path,
-            timeout=_BUSY_TIMEOUT_S,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        self._conn = conn
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise LedgerError(f"cannot put {self._db_path} in WAL mode (got {mode})")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        ensure_schema(conn, str(self._db_path))
-        return conn
-
-    def _connect_read_only(self) -> sqlite3.Connection:
-        uri = f"{self._db_path.as_uri()}?mode=ro"
-        conn = sqlite3.connect(
-            uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-        self._conn = conn
-        conn.execute("PRAGMA query_only = ON")
-        check_version(schema_version(conn), str(self._db_path))
-        return conn
 
     # -- transactions -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -245,7 +233,7 @@ class SqliteLedger:
             check_startable(_fetch_round(conn, record.run_id, record.round, record.kind), record)
             conn.execute(
                 f"INSERT OR REPLACE INTO rounds ({ROUND_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.run_id,
                     record.round,
@@ -257,6 +245,7 @@ class SqliteLedger:
                     record.model_digest,
                     dump_metrics(record.metrics),
                     record.reason,
+                    record.attempt,
                 ),
             )
 
@@ -341,7 +330,7 @@ class SqliteLedger:
         with self._read(f"read rounds of run {run_id!r}") as conn:
             _require_run(conn, run_id)
             rows = conn.execute(
-                f"SELECT {ROUND_COLUMNS} FROM rounds WHERE run_id = ?", (run_id,)
+                f"SELECT {self._round_columns} FROM rounds WHERE run_id = ?", (run_id,)
             ).fetchall()
             return sorted((round_record(row) for row in rows), key=round_sort_key)
 
@@ -400,6 +389,53 @@ class SqliteLedger:
                 raise LedgerError(f"run {run_id!r} has no checkpoint for round {round}")
             record = self._checkpoint_record(row)
         return read_checkpoint(Path(record.path), expected_digest=record.digest)
+
+    def prune_checkpoints(self, run_id: str, *, keep_last: int, keep_every: int) -> list[int]:
+        """Delete the rows in one transaction, then the files: a crash in between leaves
+        only unreferenced files behind, never a row without its file."""
+        with self._write(f"prune checkpoints of run {run_id!r}") as conn:
+            _require_run(conn, run_id)
+            rows = conn.execute(
+                "SELECT round, path FROM checkpoints WHERE run_id = ?", (run_id,)
+            ).fetchall()
+            paths = {int(r): self._state_dir / p for r, p in rows}
+            doomed = checkpoints_to_prune(paths, keep_last=keep_last, keep_every=keep_every)
+            conn.executemany(
+                "DELETE FROM checkpoints WHERE run_id = ? AND round = ?",
+                [(run_id, r) for r in doomed],
+            )
+        delete_checkpoint_files([paths[r] for r in doomed])
+        return doomed
+
+    def latest_checkpoint(self, run_id: str) -> tuple[int, Parameters, list[str]] | None:
+        rounds = [c.round for c in self.checkpoints(run_id)]
+        return latest_usable(rounds, lambda r: self.load_checkpoint(run_id, r))
+
+    # -- update spool -----------------------------------------------------------------------
+    def spool_update(
+        self, run_id: str, round: int, participant: str, parameters: Parameters
+    ) -> None:
+        self._check_run(run_id, f"spool an update of {participant!r}", write=True)
+        self._spool.write(run_id, round, participant, parameters)
+
+    def spooled_participants(self, run_id: str, round: int) -> Sequence[str]:
+        self._check_run(run_id, f"list spooled updates of round {round}", write=False)
+        return self._spool.participants(run_id, round)
+
+    def load_spooled(self, run_id: str, round: int, participant: str) -> Parameters:
+        self._check_run(run_id, f"read the spooled update of {participant!r}", write=False)
+        return self._spool.read(run_id, round, participant)
+
+    def clear_spool(self, run_id: str, up_to_round: int) -> None:
+        self._check_run(run_id, f"clear spooled updates up to round {up_to_round}", write=True)
+        self._spool.clear(run_id, up_to_round)
+
+    def _check_run(self, run_id: str, what: str, *, write: bool) -> None:
+        """Raise unless ``run_id`` exists (and, for a write, the ledger is writable)."""
+        with self._read(what) as conn:
+            if write and self._read_only:
+                raise LedgerError(f"cannot {what}: the ledger {self._db_path} is open read-only")
+            _require_run(conn, run_id)
 
     def close(self) -> None:
         with self._lock:

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from conclave.core.errors import ConclaveError, ConfigError, TrainerError, TransportError
+from conclave.core.errors import (
+    ConclaveError,
+    ConfigError,
+    RemoteProtocolError,
+    TrainerError,
+    TransportError,
+)
 from conclave.core.parameters import Parameters
 from conclave.core.ports import CoordinatorService, Trainer, TrainerFactory
 from conclave.core.types import (
@@ -121,7 +127,8 @@ class ParticipantAgent:
         self._identity = identity or Ed25519PrivateKey.generate()
         self._capabilities = {**identity_capability(self._identity), **(capabilities or {})}
         self.session: SecureSession | None = None
-        self._last_task: tuple[str, int, str, object] | None = None
+        self._last_task: tuple[str, int, str, object, object] | None = None
+        self._pending: Update | Evaluation | StageMessage | None = None
         self._poll_wait_s = poll_wait_s
         self.run_id = ""
         self.heartbeat_interval_s = 2.0
@@ -156,7 +163,8 @@ class ParticipantAgent:
         task = assignment.task
         if task is None:
             return None
-        key = (task.run_id, task.round, task.kind.value, task.config.get("attempt"))
+        key = (task.run_id, task.round, task.kind.value, task.config.get("attempt"),
+               task.config.get("epoch"))
         if key == self._last_task:
             return None
         self._last_task = key
@@ -168,6 +176,11 @@ class ParticipantAgent:
 
     def step(self, wait_s: float = 0.0) -> bool:
         """Carry out at most one task or secure-aggregation step. True if work was done."""
+        if self._pending is not None:
+            # an answer whose delivery failed: send the same bytes again (idempotent)
+            self.submit(self._pending)
+            self._pending = None
+            return True
         if self.in_secure_round:
             assert self.session is not None
             return self.session.poll(self._service, wait_s)
@@ -205,6 +218,17 @@ class ParticipantAgent:
                 except TrainerError as exc:
                     self.stats.failures.append(str(exc))
                     logger.error("%s: %s; sitting this task out", self.name, exc)
+                except RemoteProtocolError as exc:
+                    if "has not joined" not in str(exc):
+                        raise
+                    # The coordinator restarted and resumed the run: join it again. A secure
+                    # round's protocol state died with the old coordinator: that round starts
+                    # over. A plain update not yet acknowledged is sent again (idempotent).
+                    logger.warning("%s: %s; joining again", self.name, exc)
+                    self.session = None
+                    if isinstance(self._pending, StageMessage):
+                        self._pending = None
+                    self.join()
                 backoff.reset()
         finally:
             stop.set()
@@ -215,8 +239,8 @@ class ParticipantAgent:
         while not stop.wait(self.heartbeat_interval_s):
             try:
                 reply = self._service.heartbeat(self.run_id, self.name, _telemetry())
-            except TransportError as exc:
-                logger.warning("%s: heartbeat failed: %s", self.name, exc)
+            except ConclaveError as exc:  # unreachable, or restarted: the main loop copes
+                logger.info("%s: heartbeat failed: %s", self.name, exc)
                 continue
             if reply.run_finished:
                 self.finished = True
@@ -310,7 +334,9 @@ class ParticipantAgent:
         return verdict
 
     def _perform(self, task: Task) -> None:
-        self.submit(self.prepare(task))
+        self._pending = self.prepare(task)
+        self.submit(self._pending)
+        self._pending = None
 
 
 def _telemetry() -> dict[str, float]:

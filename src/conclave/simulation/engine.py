@@ -90,7 +90,7 @@ class Simulation:
             participant=None, seed=spec.seed, options=dict(spec.task.options))).get_weights()
         self.coordinator = Coordinator(spec=spec, ledger=ledger, initial=initial,
                                        clock=self.clock.now, on_round=on_round,
-                                       detect_lost=False)
+                                       detect_lost=False, spool=False)
         transport: CoordinatorService = MemoryTransport(self.coordinator)
         if wrap_transport is not None:
             transport = wrap_transport(transport)

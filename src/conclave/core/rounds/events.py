@@ -82,6 +82,14 @@ class StageReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class AggregateComputed:
+    """The driver's answer to ``AggregateInOrder``: the weighted mean in canonical order."""
+
+    round: int
+    parameters: Parameters
+
+
+@dataclass(frozen=True, slots=True)
 class DeadlinePassed:
     timer: Timer
     round: int
@@ -90,7 +98,7 @@ class DeadlinePassed:
 
 Event = (
     RunStarted | ParticipantJoined | ParticipantLost | UpdateReceived | EvaluationReceived
-    | StageReceived | DeadlinePassed
+    | StageReceived | AggregateComputed | DeadlinePassed
 )
 
 
@@ -142,6 +150,28 @@ class RecordStage:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SpoolUpdate:
+    """Make an accepted update durable before the participant is told it was accepted (a
+    restarted coordinator must still count it: the participant will not send it again)."""
+
+    round: int
+    participant: str
+    parameters: Parameters
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregateInOrder:
+    """Updates arrived out of canonical (sorted) order: recompute the weighted mean from the
+    spooled updates in sorted participant order, so the model never depends on arrival order,
+    and answer with ``AggregateComputed``. ``streamed`` is the arrival-order result, for a
+    driver that keeps no spool."""
+
+    round: int
+    contributors: tuple[tuple[str, int], ...]
+    streamed: Parameters
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CommitRound:
     round: int
     parameters: Parameters
@@ -172,6 +202,6 @@ class FailRun:
 
 
 Command = (
-    StartRound | ArmTimer | RecordContribution | Reply | RecordStage | CommitRound | CloseRound
-    | FinishRun | FailRun
+    StartRound | ArmTimer | RecordContribution | Reply | RecordStage | SpoolUpdate
+    | AggregateInOrder | CommitRound | CloseRound | FinishRun | FailRun
 )

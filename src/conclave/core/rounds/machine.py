@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from conclave.core.aggregation.fedavg import MAX_EXAMPLES, WeightedMean, validat
 from conclave.core.errors import ConclaveError, InvalidUpdate, LocalProtocolError
 from conclave.core.parameters import Parameters
 from conclave.core.rounds.events import (
+    AggregateComputed,
+    AggregateInOrder,
     ArmTimer,
     CloseRound,
     Command,
@@ -32,6 +35,7 @@ from conclave.core.rounds.events import (
     Reply,
     RunStarted,
     Stage,
+    SpoolUpdate,
     StageReceived,
     StartRound,
     Timer,
@@ -61,6 +65,29 @@ def participant_seed(run_seed: int, round: int, participant: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumePoint:
+    """Where a restarted coordinator picks a run up, as read back from its ledger."""
+
+    completed_rounds: int
+    """The last committed FIT round (its checkpoint is the machine's ``initial`` model)."""
+    round: int = 0
+    """The round in progress when the coordinator stopped (0: none)."""
+    kind: TaskKind = TaskKind.FIT
+    attempt: int = 1
+    selected: tuple[str, ...] = ()
+    answered: frozenset[str] = frozenset()
+    """Selected participants whose answer for the round in progress was already recorded."""
+    accepted: tuple[Update, ...] = ()
+    """FIT: the accepted updates of the round in progress (from the spool)."""
+    evaluations: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """EVALUATE: the results of the round in progress received so far."""
+    last_evaluation: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    evaluation_done: bool = True
+    """Whether the evaluation due after ``completed_rounds`` (if any) was closed."""
+    epoch: int = 1
+
+
 class RunMachine:
     """Drives one run. Feed it events with ``handle``; carry out the commands it returns."""
 
@@ -71,7 +98,10 @@ class RunMachine:
         spec: RunSpec,
         initial: Parameters,
         completed_rounds: int = 0,
+        resume: ResumePoint | None = None,
     ) -> None:
+        if resume is not None:
+            completed_rounds = resume.completed_rounds
         self.run_id = run_id
         self.spec = spec
         self._global = initial
@@ -90,6 +120,16 @@ class RunMachine:
         self._committed = completed_rounds
         self._identity: dict[str, bytes] = {}
         self._secure: SecureRound | None = None
+        self._secure_pending = False
+        self._arrivals: list[tuple[str, int]] = []
+        self._awaiting: Parameters | None = None
+        self._awaiting_metrics: dict[str, float] = {}
+        self._accepted_digests: dict[tuple[int, str], str] = {}
+        self._resume = resume
+        self.epoch = 0 if resume is None else resume.epoch
+        """How many times this run was resumed: tasks re-issued after a restart are new."""
+        if resume is not None:
+            self._last_evaluation = {p: dict(m) for p, m in resume.last_evaluation.items()}
 
     # -- queries ------------------------------------------------------------------------
     @property
@@ -127,7 +167,7 @@ class RunMachine:
 
     def task_for(self, participant: str) -> Task | None:
         """The task ``participant`` should work on now, if any."""
-        if self._stage not in (Stage.TRAINING, Stage.EVALUATING):
+        if self._stage not in (Stage.TRAINING, Stage.EVALUATING) or self._secure_pending:
             return None
         if participant not in self._selected or participant in self._answered:
             return None
@@ -141,6 +181,7 @@ class RunMachine:
         config["seed"] = participant_seed(self.spec.seed, self._round, participant)
         config["round"] = self._round
         config["attempt"] = self._attempt
+        config["epoch"] = self.epoch
         timeout = (
             self.spec.deadlines.round_timeout_s
             if self._kind is TaskKind.FIT
@@ -171,7 +212,11 @@ class RunMachine:
             case RunStarted():
                 if self._stage is not Stage.IDLE:
                     raise LocalProtocolError("the run was already started")
+                if self._resume is not None:
+                    return self._resume_run(self._resume)
                 return self._next_round()
+            case AggregateComputed(round=r, parameters=params):
+                return self._aggregate_computed(r, params)
             case ParticipantJoined(participant=p, identity_key=key):
                 if key:
                     self._identity[p] = key
@@ -193,6 +238,8 @@ class RunMachine:
         self._available.add(participant)
         if self._stage is Stage.WAITING and self._enough_participants():
             return self._begin_fit()
+        if self._secure_pending and all(p in self._identity for p in self._selected):
+            return self._start_secure()
         return []
 
     def _lost(self, participant: str, reason: str) -> list[Command]:
@@ -244,19 +291,11 @@ class RunMachine:
         self._agg = WeightedMean(self._global.layout)
         self._metric_sums = {}
         self._secure = None
+        self._arrivals = []
         if self.spec.secure_aggregation is not None:
-            try:
-                self._secure = SecureRound(
-                    run_id=self.run_id, round=self._round, attempt=self._attempt,
-                    run_seed=self.spec.seed, selected=self._selected,
-                    identity_keys=self._identity, spec=self.spec.secure_aggregation,
-                    global_parameters=self._global,
-                )
-            except ConclaveError as exc:
-                self._stage = Stage.FAILED
-                return [FailRun(reason=f"round {self._round}: cannot set up secure "
-                                       f"aggregation among {len(self._selected)} "
-                                       f"participant(s): {exc}")]
+            failed = self._start_secure()
+            if failed:
+                return failed
         return [
             StartRound(round=self._round, kind=TaskKind.FIT, attempt=self._attempt,
                        selected=self._selected),
@@ -265,6 +304,7 @@ class RunMachine:
         ]
 
     def _begin_evaluation(self) -> list[Command]:
+        self._attempt = max(self._attempt, 1)
         self._kind = TaskKind.EVALUATE
         self._stage = Stage.EVALUATING
         self._selected = tuple(sorted(self._available))
@@ -295,6 +335,8 @@ class RunMachine:
         return []
 
     def _close_fit(self) -> list[Command]:
+        if self._awaiting is not None:
+            return []  # already closed; waiting for the canonical-order aggregate
         if self._secure is not None:
             return self._close_secure_step()
         needed = self.spec.selection.min_quorum
@@ -306,7 +348,13 @@ class RunMachine:
         metrics = {name: value / weight for name, (value, weight) in self._metric_sums.items()}
         metrics["contributions"] = float(self._agg.count)
         metrics["examples"] = float(total)
-        return self._commit(self._agg.result(), metrics)
+        streamed = self._agg.result()
+        canonical = sorted(self._arrivals)
+        if self._arrivals == canonical:
+            return self._commit(streamed, metrics)
+        self._awaiting, self._awaiting_metrics = streamed, metrics
+        return [AggregateInOrder(round=self._round, contributors=tuple(canonical),
+                                 streamed=streamed)]
 
     def _fail_attempt(self, why: str) -> list[Command]:
         reason = (f"{why} (attempt {self._attempt} of "
@@ -320,6 +368,8 @@ class RunMachine:
         return cmds + self._begin_fit()
 
     def _commit(self, parameters: Parameters, metrics: dict[str, float]) -> list[Command]:
+        self._accepted_digests = {k: v for k, v in self._accepted_digests.items()
+                                  if k[0] >= self._round}
         self._global = parameters
         self._global_digest = parameters.digest()
         self._committed = self._round
@@ -330,7 +380,71 @@ class RunMachine:
             return cmds + self._begin_evaluation()
         return cmds + self._next_round()
 
+    # -- resuming -----------------------------------------------------------------------
+    def _resume_run(self, point: ResumePoint) -> list[Command]:
+        """Pick up a run after a coordinator restart: the round in progress continues with the
+        same selection and attempt, and with the contributions already accepted."""
+        if point.round == 0:
+            if not point.evaluation_done and self._committed and self._evaluation_due_for(
+                    self._committed):
+                self._round = self._committed
+                return self._begin_evaluation()
+            return self._next_round()
+        self._round, self._attempt, self._kind = point.round, point.attempt, point.kind
+        self._selected = point.selected
+        self._answered = set(point.answered) & set(point.selected)
+        if point.kind is TaskKind.EVALUATE:
+            self._stage = Stage.EVALUATING
+            self._evaluations = {p: dict(m) for p, m in point.evaluations.items()}
+            timer = ArmTimer(timer=Timer.EVALUATE, round=self._round, attempt=self._attempt,
+                             timeout_s=self.spec.deadlines.evaluation_timeout_s)
+            return [timer, *self._maybe_close()]
+        self._stage = Stage.TRAINING
+        self._agg = WeightedMean(self._global.layout)
+        self._metric_sums = {}
+        self._arrivals = []
+        for update in sorted(point.accepted, key=lambda u: u.participant):
+            self._accept(update)
+        cmds: list[Command] = [ArmTimer(timer=Timer.FIT, round=self._round,
+                                        attempt=self._attempt,
+                                        timeout_s=self.spec.deadlines.round_timeout_s)]
+        if self.spec.secure_aggregation is not None:
+            # The protocol state died with the old coordinator: run it again, same selection.
+            self._answered = set()
+            self._secure_pending = True
+            return cmds
+        return cmds + self._maybe_close()
+
+    def _evaluation_due_for(self, round: int) -> bool:
+        every = self.spec.evaluation.every_rounds
+        return round == self.spec.rounds or (every > 0 and round % every == 0)
+
+    def _aggregate_computed(self, round: int, parameters: Parameters) -> list[Command]:
+        if self._awaiting is None or round != self._round:
+            return []
+        metrics = self._awaiting_metrics
+        self._awaiting = None
+        return self._commit(parameters, metrics)
+
     # -- secure aggregation -------------------------------------------------------------
+    def _start_secure(self) -> list[Command]:
+        """Set up the secure round for the current selection (empty list when fine)."""
+        assert self.spec.secure_aggregation is not None
+        self._secure_pending = False
+        try:
+            self._secure = SecureRound(
+                run_id=self.run_id, round=self._round, attempt=self._attempt,
+                run_seed=self.spec.seed, selected=self._selected,
+                identity_keys=self._identity, spec=self.spec.secure_aggregation,
+                global_parameters=self._global,
+            )
+        except ConclaveError as exc:
+            self._stage = Stage.FAILED
+            return [FailRun(reason=f"round {self._round}: cannot set up secure aggregation "
+                                   f"among {len(self._selected)} participant(s): {exc}")]
+        return []
+
+    # -- secure aggregation steps -------------------------------------------------------
     def _stage_message(self, participant: str, round: int, step: SecAggStep,
                        payload: bytes) -> list[Command]:
         secure = self._secure
@@ -436,9 +550,12 @@ class RunMachine:
         return ""
 
     def _update(self, update: Update, digest: str) -> list[Command]:
+        if digest and self._accepted_digests.get((update.round, update.participant)) == digest:
+            # The same update again (the participant lost our answer): accepted, once.
+            return [Reply(verdict=Verdict(accepted=True, reason="already accepted"))]
         reason = self._check_submission(TaskKind.FIT, update.participant, update.round)
-        if not reason and self._secure is not None:
-            reason = "this round uses secure aggregation: submit stage messages, not an update"
+        if not reason and self.spec.secure_aggregation is not None:
+            reason = "this run uses secure aggregation: submit stage messages, not an update"
         invalid = False
         if not reason:
             try:
@@ -460,14 +577,11 @@ class RunMachine:
                 Reply(verdict=Verdict(accepted=False, reason=reason)),
             ]
             return cmds + (self._maybe_close() if invalid else [])
-        self._agg.add(update.parameters, update.num_examples)
-        self._answered.add(update.participant)
-        metrics = _finite(update.metrics)
-        n = update.num_examples
-        for name, value in metrics.items():  # each metric averaged over those who reported it
-            total, weight = self._metric_sums.get(name, (0.0, 0))
-            self._metric_sums[name] = (total + value * n, weight + n)
+        metrics = self._accept(update)
+        self._accepted_digests[(update.round, update.participant)] = digest
         cmds = [
+            SpoolUpdate(round=update.round, participant=update.participant,
+                        parameters=update.parameters),
             RecordContribution(round=update.round, kind=TaskKind.FIT,
                                participant=update.participant,
                                status=ContributionStatus.ACCEPTED, weight=update.num_examples,
@@ -476,6 +590,19 @@ class RunMachine:
             Reply(verdict=Verdict(accepted=True)),
         ]
         return cmds + self._maybe_close()
+
+    def _accept(self, update: Update) -> dict[str, float]:
+        if update.digest:
+            self._accepted_digests[(update.round, update.participant)] = update.digest
+        self._agg.add(update.parameters, update.num_examples)
+        self._answered.add(update.participant)
+        self._arrivals.append((update.participant, update.num_examples))
+        metrics = _finite(update.metrics)
+        n = update.num_examples
+        for name, value in metrics.items():  # each metric averaged over those who reported it
+            total, weight = self._metric_sums.get(name, (0.0, 0))
+            self._metric_sums[name] = (total + value * n, weight + n)
+        return metrics
 
     def _evaluation(self, evaluation: Evaluation) -> list[Command]:
         reason = self._check_submission(TaskKind.EVALUATE, evaluation.participant, evaluation.round)
