@@ -171,19 +171,22 @@ def _coordinator_crash_hook(spec: str | None) -> Callable[[str, int], None] | No
     return hook
 
 
-def _crash_hook(spec: str | None) -> Callable[[SecAggStep, int], bool | None] | None:
+def _crash_hook(spec: str | None) -> Callable[[SecAggStep | str, int], bool | None] | None:
     if spec is None:
         return None
-    step_name, _, round_text = spec.partition(":")
-    try:
-        step, round_ = SecAggStep(step_name), int(round_text)
-    except ValueError:
-        raise ConfigError("--crash-at", spec, "STEP:ROUND with STEP one of advertise, share, "
-                          "masked_input, unmask") from None
+    steps = ("fit", "advertise", "share", "masked_input", "unmask")
+    points: set[tuple[str, int]] = set()
+    for item in spec.split(","):
+        step_name, _, round_text = item.strip().partition(":")
+        if step_name not in steps or not round_text.isdigit():
+            raise ConfigError("--crash-at", spec,
+                              f"STEP:ROUND[,STEP:ROUND...] with STEP one of {', '.join(steps)}")
+        points.add((step_name, int(round_text)))
 
-    def hook(at: SecAggStep, rnd: int) -> bool:
-        if (at, rnd) == (step, round_):
-            print(f"crash-at {spec}: exiting now", flush=True)
+    def hook(at: SecAggStep | str, rnd: int) -> bool:
+        if (getattr(at, "value", at), rnd) in points:
+            where = f"{getattr(at, 'value', at)}:{rnd}"
+            print(f"crash-at {where}: exiting now", flush=True)
             os._exit(137)
         return True
 

@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds to keep retrying the first connection")
     part.add_argument("--crash-at", default=None, metavar="STEP:ROUND",
                       help="fault injection for tests: exit at once (no goodbye, like a "
-                           "power cut) just before sending secure-aggregation STEP "
-                           "(advertise, share, masked_input, unmask) in ROUND")
+                           "power cut) just before sending STEP in ROUND: fit (the trained "
+                           "update) or a secure-aggregation step (advertise, share, "
+                           "masked_input, unmask)")
 
     ledger = sub.add_parser("ledger", help="read a state directory's ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)

@@ -42,6 +42,7 @@ from conclave.core.rounds.events import (
     SpoolUpdate,
     StageReceived,
     StartRound,
+    Substitute,
     Timer,
     UpdateReceived,
 )
@@ -367,6 +368,17 @@ class Coordinator:
                 self._timings.append(RoundTiming(round=r, kind=kind, started_at=now))
                 logger.info("round %d (%s) started with %d participant(s)", r, kind.value,
                             len(selected))
+            case Substitute(round=r, attempt=attempt, participant=p, replaces=lost,
+                            selected=selected):
+                started = next((t.started_at for t in reversed(self._timings)
+                                if t.round == r and t.kind is TaskKind.FIT), now)
+                self._ledger.start_round(RoundRecord(
+                    run_id=self.run_id, round=r, kind=TaskKind.FIT, status=RoundStatus.RUNNING,
+                    selected=selected, started_at=started, attempt=attempt,
+                ))
+                self._event(p, ParticipantState.TASKED,
+                            f"fit round {r} attempt {attempt}: substitute for {lost}")
+                logger.warning("round %d: %s substitutes for lost %s", r, p, lost)
             case ArmTimer(timer=timer, round=r, attempt=attempt, timeout_s=timeout):
                 self._timers = {k: v for k, v in self._timers.items() if k[0] is not timer}
                 self._timers[(timer, r, attempt)] = now + timeout

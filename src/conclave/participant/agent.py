@@ -118,7 +118,7 @@ class ParticipantAgent:
         capabilities: Mapping[str, str] | None = None,
         poll_wait_s: float = 5.0,
         identity: Ed25519PrivateKey | None = None,
-        before_send: Callable[[SecAggStep, int], bool | None] | None = None,
+        before_send: Callable[[SecAggStep | str, int], bool | None] | None = None,
     ) -> None:
         self._before_send = before_send
         self.name = name
@@ -139,7 +139,7 @@ class ParticipantAgent:
     def from_factory(
         cls, *, name: str, service: CoordinatorService, factory: TrainerFactory,
         options: Mapping[str, str] | None = None, seed: int = 0, poll_wait_s: float = 5.0,
-        before_send: Callable[[SecAggStep, int], bool | None] | None = None,
+        before_send: Callable[[SecAggStep | str, int], bool | None] | None = None,
     ) -> ParticipantAgent:
         trainer = build_trainer(factory, TrainerContext(participant=name, seed=seed,
                                                          options=dict(options or {})))
@@ -322,6 +322,8 @@ class ParticipantAgent:
                 self.stats.rejected.append(verdict.reason)
             return verdict
         if isinstance(result, Update):
+            if self._before_send is not None and self._before_send("fit", result.round) is False:
+                return None  # fault injection: vanished before sending the update
             verdict = self._service.submit_update(result)
             self.stats.fits += 1
         else:

@@ -56,7 +56,7 @@ class SecureSession:
 
     def __init__(self, *, name: str, task: Task, setup_payload: bytes,
                  identity: Ed25519PrivateKey,
-                 before_send: Callable[[SecAggStep, int], bool | None] | None = None) -> None:
+                 before_send: Callable[[SecAggStep | str, int], bool | None] | None = None) -> None:
         self.name = name
         self._before_send = before_send
         self.task = task

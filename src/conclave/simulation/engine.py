@@ -77,7 +77,7 @@ class Simulation:
         participants: Sequence[str] | None = None,
         on_round: Callable[[RoundTiming], None] | None = None,
         workers: int | None = None,
-        before_send: Callable[[str, SecAggStep, int], bool | None] | None = None,
+        before_send: Callable[[str, SecAggStep | str, int], bool | None] | None = None,
         wrap_transport: Callable[[CoordinatorService], CoordinatorService] | None = None,
     ) -> None:
         """``before_send(participant, step, round)`` returning False makes that participant

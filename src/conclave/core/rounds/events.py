@@ -112,6 +112,17 @@ class StartRound:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Substitute:
+    """``participant`` takes over the task of ``replaces``, who was lost mid-round."""
+
+    round: int
+    attempt: int
+    participant: str
+    replaces: str
+    selected: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ArmTimer:
     timer: Timer
     round: int
@@ -202,6 +213,6 @@ class FailRun:
 
 
 Command = (
-    StartRound | ArmTimer | RecordContribution | Reply | RecordStage | SpoolUpdate
+    StartRound | Substitute | ArmTimer | RecordContribution | Reply | RecordStage | SpoolUpdate
     | AggregateInOrder | CommitRound | CloseRound | FinishRun | FailRun
 )

@@ -34,10 +34,11 @@ from conclave.core.rounds.events import (
     RecordStage,
     Reply,
     RunStarted,
-    Stage,
     SpoolUpdate,
+    Stage,
     StageReceived,
     StartRound,
+    Substitute,
     Timer,
     UpdateReceived,
 )
@@ -125,6 +126,7 @@ class RunMachine:
         self._awaiting: Parameters | None = None
         self._awaiting_metrics: dict[str, float] = {}
         self._accepted_digests: dict[tuple[int, str], str] = {}
+        self._substitutions = 0
         self._resume = resume
         self.epoch = 0 if resume is None else resume.epoch
         """How many times this run was resumed: tasks re-issued after a restart are new."""
@@ -258,8 +260,32 @@ class RunMachine:
                     status=ContributionStatus.DROPPED, reason=f"participant lost: {reason}",
                 )
             ]
+            if self._stage is Stage.TRAINING:
+                cmds += self._substitute(participant)
             return cmds + self._maybe_close()
         return []
+
+    def _substitute(self, lost: str) -> list[Command]:
+        """Give a lost participant's task to one from the pool of available participants that
+        were not selected, when the round could otherwise no longer reach quorum."""
+        accepted = self._agg.count
+        still_possible = accepted + len(set(self._selected) - self._answered)
+        if still_possible >= self.spec.selection.min_quorum:
+            return []
+        pool = sorted(self._available - set(self._selected))
+        if self.spec.secure_aggregation is not None or not pool:
+            return []
+        self._substitutions += 1
+        rng = np.random.default_rng([self.spec.seed, self._round, self._attempt,
+                                     10_000 + self._substitutions])
+        chosen = pool[int(rng.integers(len(pool)))]
+        self._selected = tuple(sorted((*self._selected, chosen)))
+        return [
+            Substitute(round=self._round, attempt=self._attempt, participant=chosen,
+                       replaces=lost, selected=self._selected),
+            ArmTimer(timer=Timer.FIT, round=self._round, attempt=self._attempt,
+                     timeout_s=self.spec.deadlines.round_timeout_s),
+        ]
 
     def _enough_participants(self) -> bool:
         return len(self._available) >= self.spec.selection.min_participants
@@ -292,6 +318,7 @@ class RunMachine:
         self._metric_sums = {}
         self._secure = None
         self._arrivals = []
+        self._substitutions = 0
         if self.spec.secure_aggregation is not None:
             failed = self._start_secure()
             if failed:
