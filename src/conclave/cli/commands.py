@@ -89,6 +89,9 @@ def simulate(args: argparse.Namespace) -> int:
 # -- coordinator ----------------------------------------------------------------------------
 def coordinator(args: argparse.Namespace) -> int:
     spec = read_spec(args.spec).with_overrides(rounds=args.rounds)
+    if spec.faults:
+        print("conclave: warning: [faults] applies to `conclave simulate` only; ignored here",
+              file=sys.stderr)
     ledger = SqliteLedger(args.state_dir)
     progress = RoundProgress(spec.rounds, stream=sys.stderr,
                              evaluates_every_round=spec.evaluation.every_rounds == 1)

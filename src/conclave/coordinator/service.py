@@ -208,6 +208,15 @@ class Coordinator:
                     pause = min(pause, remaining)
                 self._cond.wait(pause)
 
+    def mark_lost(self, participant: str, reason: str) -> None:
+        """An outside failure detector (the simulation's) says ``participant`` is gone."""
+        with self._cond:
+            if participant in self._ever_joined and participant not in self._lost:
+                self._lost.add(participant)
+                self._event(participant, ParticipantState.LOST, reason)
+                if self._status is RunStatus.RUNNING:
+                    self._apply(ParticipantLost(participant, reason=reason))
+
     def interrupt(self, reason: str) -> None:
         """Record that the run was stopped from outside before it ended (signal, Ctrl-C)."""
         with self._cond:

@@ -130,6 +130,8 @@ class RunSpec:
     federation: FederationSpec = field(default_factory=FederationSpec)
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
     checkpoints: CheckpointSpec = field(default_factory=CheckpointSpec)
+    faults: Mapping[str, object] = field(default_factory=dict)
+    """The ``[faults]`` table, read by the simulation (``conclave.simulation.faults``)."""
     secure_aggregation: SecureAggregationSpec | None = None
     """None: plain aggregation (the coordinator sees each update)."""
     source: str = ""
@@ -317,6 +319,9 @@ def _build(root: _Table, source: str) -> RunSpec:
     if simulation.participants < min_participants:
         raise ConfigError("simulation.participants", simulation.participants,
                           f"at least selection.min_participants ({min_participants})")
+    faults = root.raw("faults", {})
+    if not isinstance(faults, Mapping):
+        raise ConfigError("faults", faults, "a table")
     ck = root.table("checkpoints")
     checkpoints = CheckpointSpec(keep_last=ck.int("keep_last", 0), keep_every=ck.int("keep_every", 0))
     ck.check_unknown()
@@ -331,7 +336,8 @@ def _build(root: _Table, source: str) -> RunSpec:
         strategy=strategy,
         selection=selection_spec,
         deadlines=deadlines, evaluation=evaluation, federation=federation,
-        simulation=simulation, checkpoints=checkpoints, secure_aggregation=secure,
+        simulation=simulation, checkpoints=checkpoints, faults=dict(faults),
+        secure_aggregation=secure,
         source=source,
     )
 

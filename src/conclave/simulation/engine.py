@@ -33,6 +33,7 @@ from conclave.core.types import (
 from conclave.core.errors import TrainerError
 from conclave.participant.agent import ParticipantAgent, build_trainer
 from conclave.participant.secure import StageMessage
+from conclave.simulation.faults import FaultPlan
 from conclave.transport.memory import MemoryTransport
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Simulation:
         vanish from a secure round just before sending ``step``; ``wrap_transport`` lets tests
         put an adversary on the wire."""
         self.spec = spec
+        names = tuple(participants) if participants is not None else spec.simulation.names()
+        self.faults = FaultPlan.from_table(spec.faults, seed=spec.seed, names=names)
         self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
         self.clock = SimulatedClock()
         initial = build_trainer(factory, TrainerContext(
@@ -94,11 +97,11 @@ class Simulation:
         transport: CoordinatorService = MemoryTransport(self.coordinator)
         if wrap_transport is not None:
             transport = wrap_transport(transport)
-        names = tuple(participants) if participants is not None else spec.simulation.names()
+        self.crashed: set[str] = set()
+        self._late: list[tuple[ParticipantAgent, Update | Evaluation | StageMessage | None]] = []
         self.agents = [
             ParticipantAgent(name=name, service=transport, trainer=_lazy(factory, name, spec),
-                             before_send=None if before_send is None
-                             else functools.partial(before_send, name))
+                             before_send=functools.partial(self._before_send, before_send, name))
             for name in names
         ]
 
@@ -113,12 +116,14 @@ class Simulation:
         with ThreadPoolExecutor(max_workers=self.workers,
                                 thread_name_prefix="conclave-sim") as pool:
             while not self.coordinator.finished:
-                work = [(a, t) for a in self.agents
+                alive = [a for a in self.agents if a.name not in self.crashed]
+                work = [(a, t) for a in alive
                         if not a.in_secure_round and (t := a.fetch(0.0)) is not None]
+                work = self._apply_faults(work)
                 if work:
                     self._perform(pool, work)
                     continue
-                secure = [a for a in self.agents if a.in_secure_round]
+                secure = [a for a in alive if a.in_secure_round]
                 # Secure aggregation sums exactly in a ring: the order of steps cannot change
                 # the result, so sessions advance in parallel.
                 if secure and any(self._map(pool, lambda a: a.step(0.0), secure)):
@@ -131,8 +136,36 @@ class Simulation:
                     raise RuntimeError("simulation made no progress")
                 self.clock.advance_to(due)
                 self.coordinator.poll()
+                late, self._late = self._late, []
+                for agent, result in late:  # slow participants answer after the deadline
+                    agent.submit(result)
         return SimulationResult(summary=self.coordinator.summary(),
                                 run_id=self.coordinator.run_id)
+
+    def _before_send(self, user: Callable[[str, SecAggStep | str, int], bool | None] | None,
+                     name: str, step: SecAggStep | str, round: int) -> bool:
+        if self.faults.crashes_before(name, getattr(step, "value", step), round):
+            self._crash(name, f"crashed before sending {getattr(step, 'value', step)} "
+                              f"in round {round} (fault injection)")
+            return False
+        return user is None or user(name, step, round) is not False
+
+    def _crash(self, name: str, reason: str) -> None:
+        self.crashed.add(name)
+        self.coordinator.mark_lost(name, reason)
+
+    def _apply_faults(self, work: list[tuple[ParticipantAgent, Task]]
+                      ) -> list[tuple[ParticipantAgent, Task]]:
+        if not self.faults.active:
+            return work
+        kept = []
+        for agent, task in work:
+            if self.faults.crashes_before(agent.name, task.kind.value, task.round):
+                self._crash(agent.name, f"crashed before sending {task.kind.value} in round "
+                                        f"{task.round} (fault injection)")
+            elif not self.faults.silent(agent.name, task.round):
+                kept.append((agent, task))
+        return kept
 
     def _map(self, pool: ThreadPoolExecutor, fn: Callable[[T], R], items: list[T]) -> list[R]:
         if self.workers == 1:
@@ -146,7 +179,10 @@ class Simulation:
             batch = work[start:start + window]
             results = self._map(pool, lambda at: _prepare(at[0], at[1]), batch)
             for (agent, _), result in zip(batch, results, strict=True):
-                agent.submit(result)
+                if agent.name in self.faults.slow and not isinstance(result, StageMessage):
+                    self._late.append((agent, result))
+                else:
+                    agent.submit(result)
 
 
 def _prepare(agent: ParticipantAgent, task: Task) -> Update | Evaluation | StageMessage | None:
