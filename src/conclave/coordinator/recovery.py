@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from conclave.core.errors import LedgerError
 from conclave.core.parameters import Parameters
 from conclave.core.ports import Ledger
 from conclave.core.records import RoundRecord, RunRecord
@@ -59,13 +58,14 @@ def recover(ledger: Ledger, run: RunRecord) -> Recovered:
     rounds = sorted(ledger.rounds(run_id), key=lambda r: (r.round, _KIND_ORDER[r.kind]))
     committed_fits = [r.round for r in rounds
                       if r.kind is TaskKind.FIT and r.status is RoundStatus.COMMITTED]
-    if committed_fits and max(committed_fits) > completed:
-        raise LedgerError(
-            f"run {run_id}: round {max(committed_fits)} was committed but no usable checkpoint "
-            f"after round {completed} remains ({'; '.join(problems) or 'none found'}); "
-            "resuming would redo committed rounds - start a new run instead")
     for problem in problems:
         logger.warning("run %s: %s", run_id, problem)
+    if committed_fits and max(committed_fits) > completed:
+        # The newest checkpoints are unusable: redo the rounds after the last good one.
+        ledger.invalidate_round(run_id, completed + 1,
+                                f"checkpoint unusable ({'; '.join(problems) or 'missing'}); "
+                                f"redone from round {completed}")
+        rounds = sorted(ledger.rounds(run_id), key=lambda r: (r.round, _KIND_ORDER[r.kind]))
 
     in_progress = [r for r in rounds if r.status is RoundStatus.RUNNING and (
         (r.kind is TaskKind.FIT and r.round == completed + 1)

@@ -134,6 +134,16 @@ class MemoryLedger:
                 reason=reason,
             )
 
+    def invalidate_round(self, run_id: str, round: int, reason: str) -> None:
+        with self._lock:
+            state = self._run(run_id)
+            for key, record in list(state.rounds.items()):
+                if key[0] >= round:
+                    state.rounds[key] = dataclasses.replace(
+                        record, status=RoundStatus.FAILED, reason=reason)
+            for r in [r for r in state.checkpoints if r >= round]:
+                del state.checkpoints[r]
+
     def commit_round(
         self,
         run_id: str,

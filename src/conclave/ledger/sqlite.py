@@ -279,6 +279,16 @@ class SqliteLedger:
                 ),
             )
 
+    def invalidate_round(self, run_id: str, round: int, reason: str) -> None:
+        with self._write(f"invalidate round {round} of run {run_id!r}") as conn:
+            _require_run(conn, run_id)
+            conn.execute(
+                "UPDATE rounds SET status = ?, reason = ? WHERE run_id = ? AND round >= ?",
+                (RoundStatus.FAILED.value, reason, run_id, round),
+            )
+            conn.execute("DELETE FROM checkpoints WHERE run_id = ? AND round >= ?",
+                         (run_id, round))
+
     def commit_round(
         self,
         run_id: str,

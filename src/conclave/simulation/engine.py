@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from conclave.coordinator.recovery import Recovered
 from conclave.coordinator.service import Coordinator, RoundTiming
 from conclave.core.ports import CoordinatorService, Ledger, Trainer, TrainerFactory
 from conclave.core.spec import RunSpec
@@ -80,6 +81,7 @@ class Simulation:
         workers: int | None = None,
         before_send: Callable[[str, SecAggStep | str, int], bool | None] | None = None,
         wrap_transport: Callable[[CoordinatorService], CoordinatorService] | None = None,
+        resume: Recovered | None = None,
     ) -> None:
         """``before_send(participant, step, round)`` returning False makes that participant
         vanish from a secure round just before sending ``step``; ``wrap_transport`` lets tests
@@ -91,9 +93,12 @@ class Simulation:
         self.clock = SimulatedClock()
         initial = build_trainer(factory, TrainerContext(
             participant=None, seed=spec.seed, options=dict(spec.task.options))).get_weights()
-        self.coordinator = Coordinator(spec=spec, ledger=ledger, initial=initial,
-                                       clock=self.clock.now, on_round=on_round,
-                                       detect_lost=False, spool=False)
+        self.coordinator = Coordinator(
+            spec=spec, ledger=ledger,
+            initial=initial if resume is None or resume.parameters is None else resume.parameters,
+            clock=self.clock.now, on_round=on_round, detect_lost=False, spool=False,
+            run_id=None if resume is None else resume.run.run_id,
+            resume=None if resume is None else resume.point)
         transport: CoordinatorService = MemoryTransport(self.coordinator)
         if wrap_transport is not None:
             transport = wrap_transport(transport)

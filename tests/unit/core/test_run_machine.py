@@ -9,6 +9,8 @@ from conclave.core.errors import LocalProtocolError
 from conclave.core.parameters import Parameters
 from conclave.core.rounds import RunMachine, Stage, Timer
 from conclave.core.rounds.events import (
+    AggregateComputed,
+    AggregateInOrder,
     ArmTimer,
     CloseRound,
     CommitRound,
@@ -220,3 +222,30 @@ def test_round_metrics_average_only_over_participants_that_reported_them() -> No
     assert of(m.handle(UpdateReceived(nan)), Reply)[0].verdict.accepted
     cmds = m.handle(UpdateReceived(update(m, "b", (1.0, 1.0), 3)))
     assert of(cmds, CommitRound)[0].metrics["train_loss"] == 1.0
+
+
+def test_the_same_update_sent_again_is_accepted_once() -> None:
+    m = started(min_participants=2)
+    m.handle(ParticipantJoined("a"))
+    m.handle(ParticipantJoined("b"))
+    u = update(m, "a", (1.0, 2.0), 3)
+    first = m.handle(UpdateReceived(u, digest=u.parameters.digest()))
+    again = m.handle(UpdateReceived(u, digest=u.parameters.digest()))
+    assert of(first, Reply)[0].verdict.accepted and of(again, Reply)[0].verdict.accepted
+    assert of(again, Reply)[0].verdict.reason == "already accepted"
+    assert of(again, RecordContribution) == []  # recorded once
+    different = update(m, "a", (9.0, 9.0), 3)
+    dup = m.handle(UpdateReceived(different, digest=different.parameters.digest()))
+    assert "duplicate" in of(dup, Reply)[0].verdict.reason
+
+
+def test_out_of_order_arrivals_are_aggregated_in_canonical_order() -> None:
+    m = started(min_participants=2)
+    m.handle(ParticipantJoined("a"))
+    m.handle(ParticipantJoined("b"))
+    m.handle(UpdateReceived(update(m, "b", (4.0, 8.0), 3)))
+    cmds = m.handle(UpdateReceived(update(m, "a", (1.0, 2.0), 1)))
+    (ask,) = of(cmds, AggregateInOrder)
+    assert ask.contributors == (("a", 1), ("b", 3)) and of(cmds, CommitRound) == []
+    done = m.handle(AggregateComputed(1, params(3.25, 6.5)))
+    assert of(done, CommitRound)[0].parameters.flat.tolist() == [3.25, 6.5]
