@@ -92,7 +92,8 @@ def coordinator(args: argparse.Namespace) -> int:
     if spec.faults:
         print("conclave: warning: [faults] applies to `conclave simulate` only; ignored here",
               file=sys.stderr)
-    ledger = SqliteLedger(args.state_dir)
+    ledger = SqliteLedger(args.state_dir,
+                          power_loss_safe=spec.federation.power_loss_safe_ledger)
     progress = RoundProgress(spec.rounds, stream=sys.stderr,
                              evaluates_every_round=spec.evaluation.every_rounds == 1)
     coord = _make_coordinator(spec, ledger, progress, resume=not args.new_run,

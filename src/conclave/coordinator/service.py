@@ -357,8 +357,10 @@ class Coordinator:
     # -- carrying out commands ----------------------------------------------------------
     def _apply(self, event: Event) -> list[Command]:
         commands = self._machine.handle(event)
-        for cmd in commands:
-            self._execute(cmd)
+        if commands:
+            with self._ledger.transaction():  # all an event changed is recorded at once
+                for cmd in commands:
+                    self._execute(cmd)
         if commands:
             self._cond.notify_all()
         return commands
@@ -466,14 +468,12 @@ class Coordinator:
             status=cmd.status, weight=cmd.weight, metrics=dict(cmd.metrics), digest=cmd.digest,
             reason=cmd.reason, received_at=now, train_seconds=cmd.train_seconds,
         ))
-        state = {
-            ContributionStatus.ACCEPTED: ParticipantState.ACCEPTED,
-            ContributionStatus.DROPPED: ParticipantState.LOST,
-        }.get(cmd.status, ParticipantState.REJECTED)
-        detail = f"{cmd.kind.value} round {cmd.round}: {cmd.status.value}"
-        if cmd.reason:
-            detail += f" ({cmd.reason})"
-            logger.warning("%s %s", cmd.participant, detail)
+        if cmd.status is ContributionStatus.ACCEPTED:
+            return  # the contribution row is the record; an event would only repeat it
+        state = (ParticipantState.LOST if cmd.status is ContributionStatus.DROPPED
+                 else ParticipantState.REJECTED)
+        detail = f"{cmd.kind.value} round {cmd.round}: {cmd.status.value} ({cmd.reason})"
+        logger.warning("%s %s", cmd.participant, detail)
         self._event(cmd.participant, state, detail)
 
     def _close_timing(self, round_: int, kind: TaskKind, now: float,

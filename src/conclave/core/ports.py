@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 from conclave.core.parameters import Parameters
@@ -57,6 +58,10 @@ TrainerFactory = Callable[[TrainerContext], Trainer]
 
 class Ledger(Protocol):
     """The coordinator's durable record. Every write is durable when the call returns."""
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Group the writes made inside into one durable transaction (nesting allowed)."""
+        ...
 
     def create_run(self, run: RunRecord) -> None: ...
 

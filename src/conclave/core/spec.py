@@ -98,6 +98,9 @@ class FederationSpec:
     heartbeat_interval_s: float = 2.0
     lost_after_heartbeats: int = 5
     max_model_bytes: int = 2**31
+    power_loss_safe_ledger: bool = False
+    """fsync every ledger transaction (survives power loss; slower). Off: every write still
+    survives the coordinator process being killed."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -232,6 +235,13 @@ class _Table:
             )
 
 
+def _bool(table: _Table, key: str, default: bool) -> bool:
+    value = table.raw(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(table._name(key), value, "true or false")
+    return value
+
+
 def _scalars(table: _Table) -> dict[str, Scalar]:
     out: dict[str, Scalar] = {}
     for key, value in table.data.items():
@@ -299,6 +309,7 @@ def _build(root: _Table, source: str) -> RunSpec:
         heartbeat_interval_s=fed.float("heartbeat_interval_s", 2.0),
         lost_after_heartbeats=fed.int("lost_after_heartbeats", 5, minimum=1),
         max_model_bytes=fed.int("max_model_bytes", 2**31, minimum=1),
+        power_loss_safe_ledger=_bool(fed, "power_loss_safe_ledger", False),
     )
     fed.check_unknown()
     if names and min_quorum > len(names):

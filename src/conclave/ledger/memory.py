@@ -7,9 +7,10 @@ checkpoints and spooled updates kept as encoded bytes that are digest-checked wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from conclave.core.errors import LedgerError
 from conclave.core.parameters import Parameters
@@ -133,6 +134,11 @@ class MemoryLedger:
                 metrics=_metrics(metrics, current.metrics),
                 reason=reason,
             )
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Writes to memory are immediate; nothing to group."""
+        yield
 
     def invalidate_round(self, run_id: str, round: int, reason: str) -> None:
         with self._lock:

@@ -74,8 +74,10 @@ CREATE TABLE checkpoints (
 """
 
 
-def connect_read_write(db_path: Path, timeout_s: float) -> sqlite3.Connection:
-    """Open (creating or migrating) the database in WAL mode with ``synchronous=FULL``."""
+def connect_read_write(db_path: Path, timeout_s: float, *,
+                       power_loss_safe: bool = False) -> sqlite3.Connection:
+    """Open (creating or migrating) the database in WAL mode, ``synchronous=FULL`` when it
+    must survive power loss, else ``NORMAL`` (survives the process dying)."""
     conn = sqlite3.connect(
         db_path, timeout=timeout_s, isolation_level=None, check_same_thread=False
     )
@@ -83,7 +85,7 @@ def connect_read_write(db_path: Path, timeout_s: float) -> sqlite3.Connection:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise LedgerError(f"cannot put {db_path} in WAL mode (got {mode})")
-        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if power_loss_safe else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys = ON")
         ensure_schema(conn, str(db_path))
     except BaseException:

@@ -71,11 +71,19 @@ _BUSY_TIMEOUT_S = 10.0
 class SqliteLedger:
     """A ``Ledger`` stored in ``state_dir`` (created if missing)."""
 
-    def __init__(self, state_dir: Path, *, read_only: bool = False) -> None:
+    def __init__(self, state_dir: Path, *, read_only: bool = False,
+                 power_loss_safe: bool = False) -> None:
+        """``power_loss_safe``: fsync every transaction (SQLite ``synchronous=FULL``). By
+        default (``NORMAL`` in WAL mode) every write is durable against the coordinator
+        process dying (SIGKILL, crash) and the database stays consistent; a power cut or an
+        operating-system crash may lose the last few transactions. Checkpoint and spool files
+        are fsynced either way."""
         self._state_dir = Path(state_dir).resolve()
         self._db_path = self._state_dir / DB_NAME
         self._read_only = read_only
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._tx_depth = 0
+        self._known_runs: set[str] = set()
         self._conn: sqlite3.Connection | None = None
         self._spool = SpoolFolder(self._state_dir)
         # A version-1 database opened read-only cannot be migrated: read attempt as 1.
@@ -89,7 +97,8 @@ class SqliteLedger:
                     self._round_columns = ROUND_COLUMNS_V1
             else:
                 self._state_dir.mkdir(parents=True, exist_ok=True)
-                self._conn = connect_read_write(self._db_path, _BUSY_TIMEOUT_S)
+                self._conn = connect_read_write(self._db_path, _BUSY_TIMEOUT_S,
+                                                power_loss_safe=power_loss_safe)
         except sqlite3.Error as exc:
             self.close()
             raise LedgerError(f"cannot open ledger {self._db_path}: {exc}") from exc
@@ -119,11 +128,18 @@ class SqliteLedger:
     # -- transactions -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One durable transaction; sqlite3 errors become ``LedgerError``."""
+        """One durable transaction (or part of the enclosing ``transaction()``); sqlite3
+        errors become ``LedgerError``."""
         with self._lock:
             conn = self._connection()
             if self._read_only:
                 raise LedgerError(f"cannot {what}: the ledger {self._db_path} is open read-only")
+            if self._tx_depth:
+                try:
+                    yield conn
+                except sqlite3.Error as exc:
+                    raise LedgerError(f"cannot {what} in {self._db_path}: {exc}") from exc
+                return
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -135,6 +151,40 @@ class SqliteLedger:
                     raise
             except sqlite3.Error as exc:
                 raise LedgerError(f"cannot {what} in {self._db_path}: {exc}") from exc
+
+    def _require_run(self, conn: sqlite3.Connection, run_id: str) -> None:
+        # Runs are never deleted: a run id seen once needs no second look.
+        if run_id not in self._known_runs:
+            _require_run(conn, run_id)
+            self._known_runs.add(run_id)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group the writes made inside into one durable transaction (nesting allowed): the
+        coordinator records everything one event changed at once, before it answers."""
+        with self._lock:
+            conn = self._connection()
+            outermost = self._tx_depth == 0
+            if outermost and not self._read_only:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
+                    raise LedgerError(f"cannot begin a transaction in {self._db_path}: "
+                                      f"{exc}") from exc
+            self._tx_depth += 1
+            try:
+                yield
+            except BaseException:
+                self._tx_depth -= 1
+                if outermost and conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self._tx_depth -= 1
+            if outermost and conn.in_transaction:
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    raise LedgerError(f"cannot commit to {self._db_path}: {exc}") from exc
 
     @contextlib.contextmanager
     def _read(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -198,7 +248,7 @@ class SqliteLedger:
     # -- participants -----------------------------------------------------------------------
     def record_participant_event(self, event: ParticipantEvent) -> None:
         with self._write(f"record an event of {event.participant!r}") as conn:
-            _require_run(conn, event.run_id)
+            self._require_run(conn, event.run_id)
             conn.execute(
                 "INSERT INTO participant_events (run_id, participant, state, at, detail) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -209,7 +259,7 @@ class SqliteLedger:
         self, run_id: str, participant: str | None = None
     ) -> Sequence[ParticipantEvent]:
         with self._read(f"read participant events of run {run_id!r}") as conn:
-            _require_run(conn, run_id)
+            self._require_run(conn, run_id)
             sql = "SELECT run_id, participant, state, at, detail FROM participant_events "
             sql += "WHERE run_id = ?" + ("" if participant is None else " AND participant = ?")
             args = (run_id,) if participant is None else (run_id, participant)
@@ -229,7 +279,7 @@ class SqliteLedger:
     def start_round(self, record: RoundRecord) -> None:
         label = f"start round {record.round} of run {record.run_id!r}"
         with self._write(label) as conn:
-            _require_run(conn, record.run_id)
+            self._require_run(conn, record.run_id)
             check_startable(_fetch_round(conn, record.run_id, record.round, record.kind), record)
             conn.execute(
                 f"INSERT OR REPLACE INTO rounds ({ROUND_COLUMNS}) "
@@ -261,7 +311,7 @@ class SqliteLedger:
         reason: str = "",
     ) -> None:
         with self._write(f"finish round {round} of run {run_id!r}") as conn:
-            _require_run(conn, run_id)
+            self._require_run(conn, run_id)
             current = check_finishable(
                 _fetch_round(conn, run_id, round, kind), run_id, round, kind, status
             )
@@ -281,7 +331,7 @@ class SqliteLedger:
 
     def invalidate_round(self, run_id: str, round: int, reason: str) -> None:
         with self._write(f"invalidate round {round} of run {run_id!r}") as conn:
-            _require_run(conn, run_id)
+            self._require_run(conn, run_id)
             conn.execute(
                 "UPDATE rounds SET status = ?, reason = ? WHERE run_id = ? AND round >= ?",
                 (RoundStatus.FAILED.value, reason, run_id, round),
@@ -304,7 +354,7 @@ class SqliteLedger:
         written = False
         try:
             with self._write(f"commit round {round} of run {run_id!r}") as conn:
-                _require_run(conn, run_id)
+                self._require_run(conn, run_id)
                 current = check_committable(
                     _fetch_round(conn, run_id, round, TaskKind.FIT), run_id, round
                 )
@@ -338,7 +388,7 @@ class SqliteLedger:
 
     def rounds(self, run_id: str) -> Sequence[RoundRecord]:
         with self._read(f"read rounds of run {run_id!r}") as conn:
-            _require_run(conn, run_id)
+            self._require_run(conn, run_id)
             rows = conn.execute(
                 f"SELECT {self._round_columns} FROM rounds WHERE run_id = ?", (run_id,)
             ).fetchall()
@@ -348,7 +398,7 @@ class SqliteLedger:
     def record_contribution(self, record: ContributionRecord) -> None:
         label = f"record a contribution of {record.participant!r}"
         with self._write(label) as conn:
-            _require_run(conn, record.run_id)
+            self._require_run(conn, record.run_id)
             conn.execute(
                 f"INSERT INTO contributions ({CONTRIBUTION_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -369,7 +419,7 @@ class SqliteLedger:
 
     def contributions(self, run_id: str, round: int | None = None) -> Sequence[ContributionRecord]:
         with self._read(f"read contributions of run {run_id!r}") as conn:
-            _require_run(conn, run_id)
+            self._require_run(conn, run_id)
             sql = f"SELECT {CONTRIBUTION_COLUMNS} FROM contributions WHERE run_id = ?"
             sql += "" if round is None else " AND round = ?"
             args = (run_id,) if round is None else (run_id, round)
@@ -379,7 +429,7 @@ class SqliteLedger:
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoints(self, run_id: str) -> Sequence[CheckpointRecord]:
         with self._read(f"read checkpoints of run {run_id!r}") as conn:
-            _require_run(conn, run_id)
+            self._require_run(conn, run_id)
             rows = conn.execute(
                 "SELECT run_id, round, digest, path, nbytes FROM checkpoints "
                 "WHERE run_id = ? ORDER BY round",
@@ -389,7 +439,7 @@ class SqliteLedger:
 
     def load_checkpoint(self, run_id: str, round: int) -> Parameters:
         with self._read(f"read the checkpoint of round {round} of run {run_id!r}") as conn:
-            _require_run(conn, run_id)
+            self._require_run(conn, run_id)
             row = conn.execute(
                 "SELECT run_id, round, digest, path, nbytes FROM checkpoints "
                 "WHERE run_id = ? AND round = ?",
@@ -404,7 +454,7 @@ class SqliteLedger:
         """Delete the rows in one transaction, then the files: a crash in between leaves
         only unreferenced files behind, never a row without its file."""
         with self._write(f"prune checkpoints of run {run_id!r}") as conn:
-            _require_run(conn, run_id)
+            self._require_run(conn, run_id)
             rows = conn.execute(
                 "SELECT round, path FROM checkpoints WHERE run_id = ?", (run_id,)
             ).fetchall()
@@ -445,7 +495,7 @@ class SqliteLedger:
         with self._read(what) as conn:
             if write and self._read_only:
                 raise LedgerError(f"cannot {what}: the ledger {self._db_path} is open read-only")
-            _require_run(conn, run_id)
+            self._require_run(conn, run_id)
 
     def close(self) -> None:
         with self._lock:
