@@ -14,13 +14,12 @@ round always has its checkpoint. One connection serves all threads, guarded by a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from conclave.core.errors import LedgerError
 from conclave.core.parameters import Parameters
@@ -63,13 +62,20 @@ from conclave.ledger.rows import (
 )
 from conclave.ledger.schema import connect_read_only, connect_read_write
 from conclave.ledger.spool import SpoolFolder
+from conclave.ledger.transactions import (
+    SqliteTransactions,
+    fetch_round,
+    run_exists,
+    unknown_run,
+)
 
 DB_NAME = "ledger.sqlite"
 _BUSY_TIMEOUT_S = 10.0
 
 
-class SqliteLedger:
-    """A ``Ledger`` stored in ``state_dir`` (created if missing)."""
+class SqliteLedger(SqliteTransactions):
+    """A ``Ledger`` stored in ``state_dir`` (created if missing). Its connection, locking and
+    transactions (``transaction()``, ``close()``) live in ``transactions``."""
 
     def __init__(self, state_dir: Path, *, read_only: bool = False,
                  power_loss_safe: bool = False) -> None:
@@ -83,8 +89,8 @@ class SqliteLedger:
         self._read_only = read_only
         self._lock = threading.RLock()
         self._tx_depth = 0
-        self._known_runs: set[str] = set()
-        self._conn: sqlite3.Connection | None = None
+        self._known_runs = set()
+        self._conn = None
         self._spool = SpoolFolder(self._state_dir)
         # A version-1 database opened read-only cannot be migrated: read attempt as 1.
         self._round_columns = ROUND_COLUMNS
@@ -119,91 +125,16 @@ class SqliteLedger:
     def db_path(self) -> Path:
         return self._db_path
 
-    def __enter__(self) -> SqliteLedger:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- transactions -----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One durable transaction (or part of the enclosing ``transaction()``); sqlite3
-        errors become ``LedgerError``."""
-        with self._lock:
-            conn = self._connection()
-            if self._read_only:
-                raise LedgerError(f"cannot {what}: the ledger {self._db_path} is open read-only")
-            if self._tx_depth:
-                try:
-                    yield conn
-                except sqlite3.Error as exc:
-                    raise LedgerError(f"cannot {what} in {self._db_path}: {exc}") from exc
-                return
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise LedgerError(f"cannot {what} in {self._db_path}: {exc}") from exc
-
-    def _require_run(self, conn: sqlite3.Connection, run_id: str) -> None:
-        # Runs are never deleted: a run id seen once needs no second look.
-        if run_id not in self._known_runs:
-            _require_run(conn, run_id)
-            self._known_runs.add(run_id)
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Group the writes made inside into one durable transaction (nesting allowed): the
-        coordinator records everything one event changed at once, before it answers."""
-        with self._lock:
-            conn = self._connection()
-            outermost = self._tx_depth == 0
-            if outermost and not self._read_only:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                except sqlite3.Error as exc:
-                    raise LedgerError(f"cannot begin a transaction in {self._db_path}: "
-                                      f"{exc}") from exc
-            self._tx_depth += 1
-            try:
-                yield
-            except BaseException:
-                self._tx_depth -= 1
-                if outermost and conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            self._tx_depth -= 1
-            if outermost and conn.in_transaction:
-                try:
-                    conn.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    raise LedgerError(f"cannot commit to {self._db_path}: {exc}") from exc
-
-    @contextlib.contextmanager
-    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._connection()
-            try:
-                yield conn
-            except (sqlite3.Error, ValueError) as exc:
-                raise LedgerError(f"cannot {what} from {self._db_path}: {exc}") from exc
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise LedgerError(f"the ledger {self._db_path} is closed")
-        return self._conn
-
     # -- runs -------------------------------------------------------------------------------
     def create_run(self, run: RunRecord) -> None:
         with self._write(f"create run {run.run_id!r}") as conn:
-            if _run_exists(conn, run.run_id):
+            if run_exists(conn, run.run_id):
                 raise LedgerError(f"run {run.run_id!r} already exists")
             conn.execute(
                 "INSERT INTO runs (run_id, name, spec_toml, seed, status, reason, created_at) "
@@ -226,7 +157,7 @@ class SqliteLedger:
                 (run_id,),
             ).fetchone()
             if row is None:
-                raise _unknown_run(run_id)
+                raise unknown_run(run_id)
             return run_record(row)
 
     def runs(self) -> Sequence[RunRecord]:
@@ -243,7 +174,7 @@ class SqliteLedger:
                 (status.value, reason, run_id),
             )
             if cursor.rowcount == 0:
-                raise _unknown_run(run_id)
+                raise unknown_run(run_id)
 
     # -- participants -----------------------------------------------------------------------
     def record_participant_event(self, event: ParticipantEvent) -> None:
@@ -280,7 +211,7 @@ class SqliteLedger:
         label = f"start round {record.round} of run {record.run_id!r}"
         with self._write(label) as conn:
             self._require_run(conn, record.run_id)
-            check_startable(_fetch_round(conn, record.run_id, record.round, record.kind), record)
+            check_startable(fetch_round(conn, record.run_id, record.round, record.kind), record)
             conn.execute(
                 f"INSERT OR REPLACE INTO rounds ({ROUND_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -313,7 +244,7 @@ class SqliteLedger:
         with self._write(f"finish round {round} of run {run_id!r}") as conn:
             self._require_run(conn, run_id)
             current = check_finishable(
-                _fetch_round(conn, run_id, round, kind), run_id, round, kind, status
+                fetch_round(conn, run_id, round, kind), run_id, round, kind, status
             )
             conn.execute(
                 "UPDATE rounds SET status = ?, finished_at = ?, metrics = ?, reason = ? "
@@ -356,7 +287,7 @@ class SqliteLedger:
             with self._write(f"commit round {round} of run {run_id!r}") as conn:
                 self._require_run(conn, run_id)
                 current = check_committable(
-                    _fetch_round(conn, run_id, round, TaskKind.FIT), run_id, round
+                    fetch_round(conn, run_id, round, TaskKind.FIT), run_id, round
                 )
                 nbytes = write_checkpoint(path, parameters)
                 written = True
@@ -490,19 +421,6 @@ class SqliteLedger:
         self._check_run(run_id, f"clear spooled updates up to round {up_to_round}", write=True)
         self._spool.clear(run_id, up_to_round)
 
-    def _check_run(self, run_id: str, what: str, *, write: bool) -> None:
-        """Raise unless ``run_id`` exists (and, for a write, the ledger is writable)."""
-        with self._read(what) as conn:
-            if write and self._read_only:
-                raise LedgerError(f"cannot {what}: the ledger {self._db_path} is open read-only")
-            self._require_run(conn, run_id)
-
-    def close(self) -> None:
-        with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
     def _checkpoint_record(self, row: tuple[Any, ...]) -> CheckpointRecord:
         return CheckpointRecord(
             run_id=row[0],
@@ -511,27 +429,3 @@ class SqliteLedger:
             path=str(self._state_dir / row[3]),
             nbytes=row[4],
         )
-
-
-# -- queries shared by several methods --------------------------------------------------------
-def _unknown_run(run_id: str) -> LedgerError:
-    return LedgerError(f"unknown run {run_id!r}")
-
-
-def _run_exists(conn: sqlite3.Connection, run_id: str) -> bool:
-    return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
-
-
-def _require_run(conn: sqlite3.Connection, run_id: str) -> None:
-    if not _run_exists(conn, run_id):
-        raise _unknown_run(run_id)
-
-
-def _fetch_round(
-    conn: sqlite3.Connection, run_id: str, round: int, kind: TaskKind
-) -> RoundRecord | None:
-    row = conn.execute(
-        f"SELECT {ROUND_COLUMNS} FROM rounds WHERE run_id = ? AND round = ? AND kind = ?",
-        (run_id, round, kind.value),
-    ).fetchone()
-    return None if row is None else round_record(row)

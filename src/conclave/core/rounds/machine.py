@@ -8,13 +8,11 @@ the round and the attempt, so a run can be replayed exactly.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from conclave.core.aggregation.fedavg import MAX_EXAMPLES, WeightedMean, validate_update
-from conclave.core.errors import ConclaveError, InvalidUpdate, LocalProtocolError
+from conclave.core.aggregation.fedavg import WeightedMean
+from conclave.core.errors import LocalProtocolError
 from conclave.core.parameters import Parameters
 from conclave.core.rounds.events import (
     AggregateComputed,
@@ -31,10 +29,7 @@ from conclave.core.rounds.events import (
     ParticipantJoined,
     ParticipantLost,
     RecordContribution,
-    RecordStage,
-    Reply,
     RunStarted,
-    SpoolUpdate,
     Stage,
     StageReceived,
     StartRound,
@@ -42,21 +37,18 @@ from conclave.core.rounds.events import (
     Timer,
     UpdateReceived,
 )
-from conclave.core.rounds.secure import SecureOutcome, SecureRound
-from conclave.core.secagg.config import Stage as SecAggStage
+from conclave.core.rounds.resume import ResumePoint, Resumption
+from conclave.core.rounds.secure_steps import SecureSteps
+from conclave.core.rounds.submissions import Submissions
 from conclave.core.selection.uniform import select_uniform
 from conclave.core.spec import RunSpec
 from conclave.core.types import (
     ContributionStatus,
-    Evaluation,
     RoundStatus,
     Scalar,
     SecAggStep,
-    StageInput,
     Task,
     TaskKind,
-    Update,
-    Verdict,
 )
 
 
@@ -66,31 +58,12 @@ def participant_seed(run_seed: int, round: int, participant: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResumePoint:
-    """Where a restarted coordinator picks a run up, as read back from its ledger."""
+class RunMachine(Submissions, SecureSteps, Resumption):
+    """Drives one run. Feed it events with ``handle``; carry out the commands it returns.
 
-    completed_rounds: int
-    """The last committed FIT round (its checkpoint is the machine's ``initial`` model)."""
-    round: int = 0
-    """The round in progress when the coordinator stopped (0: none)."""
-    kind: TaskKind = TaskKind.FIT
-    attempt: int = 1
-    selected: tuple[str, ...] = ()
-    answered: frozenset[str] = frozenset()
-    """Selected participants whose answer for the round in progress was already recorded."""
-    accepted: tuple[Update, ...] = ()
-    """FIT: the accepted updates of the round in progress (from the spool)."""
-    evaluations: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    """EVALUATE: the results of the round in progress received so far."""
-    last_evaluation: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    evaluation_done: bool = True
-    """Whether the evaluation due after ``completed_rounds`` (if any) was closed."""
-    epoch: int = 1
-
-
-class RunMachine:
-    """Drives one run. Feed it events with ``handle``; carry out the commands it returns."""
+    This module holds the events dispatch, membership, the round lifecycle and deadlines; the
+    other parts live in ``submissions``, ``secure_steps`` and ``resume``, and the state they
+    share and the read-only queries (``stage``, ``round``, ...) in ``state``."""
 
     def __init__(
         self,
@@ -111,62 +84,29 @@ class RunMachine:
         self._round = completed_rounds
         self._kind = TaskKind.FIT
         self._attempt = 0
-        self._available: set[str] = set()
-        self._selected: tuple[str, ...] = ()
-        self._answered: set[str] = set()
+        self._available = set()
+        self._selected = ()
+        self._answered = set()
         self._agg = WeightedMean(initial.layout)
-        self._metric_sums: dict[str, tuple[float, int]] = {}
-        self._evaluations: dict[str, dict[str, float]] = {}
-        self._last_evaluation: dict[str, dict[str, float]] = {}
+        self._metric_sums = {}
+        self._evaluations = {}
+        self._last_evaluation = {}
         self._committed = completed_rounds
-        self._identity: dict[str, bytes] = {}
-        self._secure: SecureRound | None = None
+        self._identity = {}
+        self._secure = None
         self._secure_pending = False
-        self._arrivals: list[tuple[str, int]] = []
-        self._awaiting: Parameters | None = None
-        self._awaiting_metrics: dict[str, float] = {}
-        self._accepted_digests: dict[tuple[int, str], str] = {}
+        self._arrivals = []
+        self._awaiting = None
+        self._awaiting_metrics = {}
+        self._accepted_digests = {}
         self._substitutions = 0
-        self._resume = resume
+        self._resume: ResumePoint | None = resume
         self.epoch = 0 if resume is None else resume.epoch
         """How many times this run was resumed: tasks re-issued after a restart are new."""
         if resume is not None:
             self._last_evaluation = {p: dict(m) for p, m in resume.last_evaluation.items()}
 
     # -- queries ------------------------------------------------------------------------
-    @property
-    def stage(self) -> Stage:
-        return self._stage
-
-    @property
-    def round(self) -> int:
-        return self._round
-
-    @property
-    def kind(self) -> TaskKind:
-        return self._kind
-
-    @property
-    def global_parameters(self) -> Parameters:
-        return self._global
-
-    @property
-    def rounds_committed(self) -> int:
-        return self._committed
-
-    @property
-    def available(self) -> frozenset[str]:
-        return frozenset(self._available)
-
-    @property
-    def last_evaluation(self) -> dict[str, dict[str, float]]:
-        """Per-participant results of the most recent closed evaluation round."""
-        return {p: dict(m) for p, m in self._last_evaluation.items()}
-
-    @property
-    def finished(self) -> bool:
-        return self._stage in (Stage.FINISHED, Stage.FAILED)
-
     def task_for(self, participant: str) -> Task | None:
         """The task ``participant`` should work on now, if any."""
         if self._stage not in (Stage.TRAINING, Stage.EVALUATING) or self._secure_pending:
@@ -198,15 +138,6 @@ class RunMachine:
             deadline_s=timeout,
             digest=self._global_digest,
         )
-
-    def stage_input(self, participant: str, round: int, step: SecAggStep) -> StageInput:
-        """Secure aggregation: what ``participant`` needs for ``step`` (payload None: not yet)."""
-        if self.finished:
-            return StageInput(payload=None, aborted=True, reason=f"the run is {self._stage.value}")
-        if self._secure is None or round != self._round or self._kind is not TaskKind.FIT:
-            return StageInput(payload=None, aborted=True,
-                              reason=f"no secure round {round} in progress (round is {self._round})")
-        return self._secure.input_for(participant, step)
 
     # -- events -------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Command]:
@@ -407,134 +338,6 @@ class RunMachine:
             return cmds + self._begin_evaluation()
         return cmds + self._next_round()
 
-    # -- resuming -----------------------------------------------------------------------
-    def _resume_run(self, point: ResumePoint) -> list[Command]:
-        """Pick up a run after a coordinator restart: the round in progress continues with the
-        same selection and attempt, and with the contributions already accepted."""
-        if point.round == 0:
-            if not point.evaluation_done and self._committed and self._evaluation_due_for(
-                    self._committed):
-                self._round = self._committed
-                return self._begin_evaluation()
-            return self._next_round()
-        self._round, self._attempt, self._kind = point.round, point.attempt, point.kind
-        self._selected = point.selected
-        self._answered = set(point.answered) & set(point.selected)
-        if point.kind is TaskKind.EVALUATE:
-            self._stage = Stage.EVALUATING
-            self._evaluations = {p: dict(m) for p, m in point.evaluations.items()}
-            timer = ArmTimer(timer=Timer.EVALUATE, round=self._round, attempt=self._attempt,
-                             timeout_s=self.spec.deadlines.evaluation_timeout_s)
-            return [timer, *self._maybe_close()]
-        self._stage = Stage.TRAINING
-        self._agg = WeightedMean(self._global.layout)
-        self._metric_sums = {}
-        self._arrivals = []
-        for update in sorted(point.accepted, key=lambda u: u.participant):
-            self._accept(update)
-        cmds: list[Command] = [ArmTimer(timer=Timer.FIT, round=self._round,
-                                        attempt=self._attempt,
-                                        timeout_s=self.spec.deadlines.round_timeout_s)]
-        if self.spec.secure_aggregation is not None:
-            # The protocol state died with the old coordinator: run it again, same selection.
-            self._answered = set()
-            self._secure_pending = True
-            return cmds
-        return cmds + self._maybe_close()
-
-    def _evaluation_due_for(self, round: int) -> bool:
-        every = self.spec.evaluation.every_rounds
-        return round == self.spec.rounds or (every > 0 and round % every == 0)
-
-    def _aggregate_computed(self, round: int, parameters: Parameters) -> list[Command]:
-        if self._awaiting is None or round != self._round:
-            return []
-        metrics = self._awaiting_metrics
-        self._awaiting = None
-        return self._commit(parameters, metrics)
-
-    # -- secure aggregation -------------------------------------------------------------
-    def _start_secure(self) -> list[Command]:
-        """Set up the secure round for the current selection (empty list when fine)."""
-        assert self.spec.secure_aggregation is not None
-        self._secure_pending = False
-        try:
-            self._secure = SecureRound(
-                run_id=self.run_id, round=self._round, attempt=self._attempt,
-                run_seed=self.spec.seed, selected=self._selected,
-                identity_keys=self._identity, spec=self.spec.secure_aggregation,
-                global_parameters=self._global,
-            )
-        except ConclaveError as exc:
-            self._stage = Stage.FAILED
-            return [FailRun(reason=f"round {self._round}: cannot set up secure aggregation "
-                                   f"among {len(self._selected)} participant(s): {exc}")]
-        return []
-
-    # -- secure aggregation steps -------------------------------------------------------
-    def _stage_message(self, participant: str, round: int, step: SecAggStep,
-                       payload: bytes) -> list[Command]:
-        secure = self._secure
-        if secure is None or round != self._round or self._stage is not Stage.TRAINING:
-            reason = (f"stale {step.value} message for round {round}: no secure round "
-                      f"{round} is collecting")
-            return [Reply(verdict=Verdict(accepted=False, reason=reason))]
-        reason = secure.submit(participant, step, payload)
-        if reason:
-            cmds: list[Command] = [
-                RecordContribution(round=round, kind=TaskKind.FIT, participant=participant,
-                                   status=ContributionStatus.REJECTED,
-                                   reason=f"secure aggregation, {step.value}: {reason}"),
-                Reply(verdict=Verdict(accepted=False, reason=reason)),
-            ]
-        else:
-            cmds = [Reply(verdict=Verdict(accepted=True))]
-        if not secure.pending:
-            cmds += self._close_secure_step()
-        return cmds
-
-    def _close_secure_step(self) -> list[Command]:
-        secure = self._secure
-        assert secure is not None
-        cmds: list[Command] = []
-        while True:
-            step = secure.step
-            missing = tuple(sorted(secure.pending))
-            outcome = secure.close()
-            completions = secure.completions
-            done = tuple(sorted(p for p in completions.get(_STAGE_OF[step], frozenset())))
-            if outcome is None or outcome.mean is not None:
-                cmds.append(RecordStage(round=self._round, step=step, completed=done,
-                                        dropped=missing))
-            if outcome is not None:
-                return cmds + self._secure_outcome(outcome)
-            if secure.pending:
-                timeout = self.spec.secure_aggregation.stage_timeout_s  # type: ignore[union-attr]
-                return cmds + [ArmTimer(timer=Timer.SECAGG, round=self._round,
-                                        attempt=self._attempt, timeout_s=timeout)]
-
-    def _secure_outcome(self, outcome: SecureOutcome) -> list[Command]:
-        cmds: list[Command] = []
-        for p in self._selected:
-            if p in outcome.survivors:
-                cmds.append(RecordContribution(round=self._round, kind=TaskKind.FIT,
-                                               participant=p,
-                                               status=ContributionStatus.ACCEPTED))
-            elif p in outcome.dropped:
-                cmds.append(RecordContribution(round=self._round, kind=TaskKind.FIT,
-                                               participant=p, status=ContributionStatus.DROPPED,
-                                               reason=outcome.dropped[p]))
-        if outcome.mean is None:
-            return cmds + self._fail_attempt(outcome.reason)
-        needed = self.spec.selection.min_quorum
-        if len(outcome.survivors) < needed:
-            return cmds + self._fail_attempt(
-                f"quorum not reached: {len(outcome.survivors)} survivor(s) of secure "
-                f"aggregation, {needed} needed")
-        metrics = {"contributions": float(len(outcome.survivors)),
-                   "secagg_dropped": float(len(outcome.dropped))}
-        return cmds + self._commit(outcome.mean, metrics)
-
     def _close_evaluation(self) -> list[Command]:
         results = self._evaluations
         metrics: dict[str, float] = {}
@@ -557,109 +360,6 @@ class RunMachine:
         self._selected = ()
         return [FinishRun(rounds_committed=self._committed,
                           final_evaluation=self._last_evaluation)]
-
-    # -- submissions --------------------------------------------------------------------
-    def _check_submission(self, kind: TaskKind, participant: str, round: int) -> str:
-        """The reason to reject a submission, or '' if it is for the open task."""
-        if self.finished:
-            return f"the run is {self._stage.value}"
-        if round != self._round or kind is not self._kind or self._stage not in (
-            Stage.TRAINING, Stage.EVALUATING
-        ):
-            return (
-                f"stale submission: {kind.value} for round {round}, but the open task is "
-                f"{self._kind.value} for round {self._round}"
-            )
-        if participant not in self._selected:
-            return f"{participant} was not selected for {kind.value} round {round}"
-        if participant in self._answered:
-            return f"duplicate submission: {participant} already answered {kind.value} round {round}"
-        return ""
-
-    def _update(self, update: Update, digest: str) -> list[Command]:
-        if digest and self._accepted_digests.get((update.round, update.participant)) == digest:
-            # The same update again (the participant lost our answer): accepted, once.
-            return [Reply(verdict=Verdict(accepted=True, reason="already accepted"))]
-        reason = self._check_submission(TaskKind.FIT, update.participant, update.round)
-        if not reason and self.spec.secure_aggregation is not None:
-            reason = "this run uses secure aggregation: submit stage messages, not an update"
-        invalid = False
-        if not reason:
-            try:
-                validate_update(self._global.layout, update.parameters, update.num_examples)
-            except InvalidUpdate as exc:
-                # The participant answered its task, badly: it counts as answered.
-                reason, invalid = str(exc), True
-                self._answered.add(update.participant)
-        if reason:
-            status = (
-                ContributionStatus.LATE if reason.startswith("stale") else ContributionStatus.REJECTED
-            )
-            cmds: list[Command] = [
-                RecordContribution(round=update.round, kind=TaskKind.FIT,
-                                   participant=update.participant, status=status,
-                                   weight=_safe_weight(update.num_examples), digest=digest,
-                                   reason=reason, metrics=_finite(update.metrics),
-                                   train_seconds=update.train_seconds),
-                Reply(verdict=Verdict(accepted=False, reason=reason)),
-            ]
-            return cmds + (self._maybe_close() if invalid else [])
-        metrics = self._accept(update)
-        self._accepted_digests[(update.round, update.participant)] = digest
-        cmds = [
-            SpoolUpdate(round=update.round, participant=update.participant,
-                        parameters=update.parameters),
-            RecordContribution(round=update.round, kind=TaskKind.FIT,
-                               participant=update.participant,
-                               status=ContributionStatus.ACCEPTED, weight=update.num_examples,
-                               metrics=metrics, digest=digest,
-                               train_seconds=update.train_seconds),
-            Reply(verdict=Verdict(accepted=True)),
-        ]
-        return cmds + self._maybe_close()
-
-    def _accept(self, update: Update) -> dict[str, float]:
-        if update.digest:
-            self._accepted_digests[(update.round, update.participant)] = update.digest
-        self._agg.add(update.parameters, update.num_examples)
-        self._answered.add(update.participant)
-        self._arrivals.append((update.participant, update.num_examples))
-        metrics = _finite(update.metrics)
-        n = update.num_examples
-        for name, value in metrics.items():  # each metric averaged over those who reported it
-            total, weight = self._metric_sums.get(name, (0.0, 0))
-            self._metric_sums[name] = (total + value * n, weight + n)
-        return metrics
-
-    def _evaluation(self, evaluation: Evaluation) -> list[Command]:
-        reason = self._check_submission(TaskKind.EVALUATE, evaluation.participant, evaluation.round)
-        metrics = _finite(evaluation.metrics)
-        invalid = False
-        if not reason and (evaluation.num_examples < 0 or not np.isfinite(evaluation.loss)):
-            reason = (f"invalid evaluation: loss {evaluation.loss}, "
-                      f"num_examples {evaluation.num_examples}")
-            invalid = True
-            self._answered.add(evaluation.participant)
-        if reason:
-            return [
-                RecordContribution(round=evaluation.round, kind=TaskKind.EVALUATE,
-                                   participant=evaluation.participant,
-                                   status=ContributionStatus.REJECTED, reason=reason,
-                                   metrics=metrics),
-                Reply(verdict=Verdict(accepted=False, reason=reason)),
-            ] + (self._maybe_close() if invalid else [])
-        self._answered.add(evaluation.participant)
-        result = dict(metrics)
-        result["loss"] = float(evaluation.loss)
-        result["num_examples"] = float(evaluation.num_examples)
-        self._evaluations[evaluation.participant] = result
-        return [
-            RecordContribution(round=evaluation.round, kind=TaskKind.EVALUATE,
-                               participant=evaluation.participant,
-                               status=ContributionStatus.ACCEPTED,
-                               weight=evaluation.num_examples, metrics=result),
-            Reply(verdict=Verdict(accepted=True)),
-        ] + self._maybe_close()
 
     # -- time ---------------------------------------------------------------------------
     def _deadline(self, timer: Timer, round: int, attempt: int) -> list[Command]:
@@ -690,21 +390,3 @@ class RunMachine:
                     status=ContributionStatus.DROPPED, reason="no answer before the deadline",
                 ))
         return cmds + self._close()
-
-
-_STAGE_OF = {
-    SecAggStep.ADVERTISE: SecAggStage.ADVERTISE,
-    SecAggStep.SHARE: SecAggStage.SHARE,
-    SecAggStep.MASKED_INPUT: SecAggStage.MASKED_INPUT,
-    SecAggStep.UNMASK: SecAggStage.UNMASK,
-}
-
-
-def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {str(k): float(v) for k, v in metrics.items() if np.isfinite(v)}
-
-
-def _safe_weight(num_examples: int) -> int:
-    """The weight to record for a rejected update: its claim, if it is a sane integer."""
-    ok = isinstance(num_examples, int) and 0 < num_examples <= MAX_EXAMPLES
-    return num_examples if ok else 0
