@@ -239,6 +239,27 @@ def test_the_same_update_sent_again_is_accepted_once() -> None:
     assert "duplicate" in of(dup, Reply)[0].verdict.reason
 
 
+def test_the_same_update_for_a_retried_attempt_counts_again() -> None:
+    """A participant retrains the unchanged global model with the same seed after a failed
+    attempt, so its update (and digest) is the same: it must count for the new attempt, not be
+    acknowledged as a resubmission of the discarded one (which left the round to its deadline)."""
+    m = started(quorum=2, min_participants=2)
+    m.handle(ParticipantJoined("a"))
+    m.handle(ParticipantJoined("b"))
+    u = update(m, "a", (1.0, 2.0), 3)
+    m.handle(UpdateReceived(u, digest=u.parameters.digest()))
+    failed = m.handle(ParticipantLost("b", "missed heartbeats"))
+    assert of(failed, CloseRound)[0].status is RoundStatus.FAILED
+    m.handle(ParticipantJoined("b"))  # b is back; attempt 2 waits for it
+    again = m.handle(UpdateReceived(u, digest=u.parameters.digest()))
+    rec = of(again, RecordContribution)
+    assert [r.status for r in rec] == [ContributionStatus.ACCEPTED]
+    assert of(again, Reply)[0].verdict.reason != "already accepted"
+    v = update(m, "b", (3.0, 4.0), 1)
+    commit = of(m.handle(UpdateReceived(v, digest=v.parameters.digest())), CommitRound)[0]
+    np.testing.assert_allclose(commit.parameters.flat, [(3 + 3) / 4, (6 + 4) / 4])
+
+
 def test_out_of_order_arrivals_are_aggregated_in_canonical_order() -> None:
     m = started(min_participants=2)
     m.handle(ParticipantJoined("a"))

@@ -318,6 +318,10 @@ class RunMachine(Submissions, SecureSteps, Resumption):
         reason = (f"{why} (attempt {self._attempt} of "
                   f"{self.spec.selection.max_round_attempts})")
         self._secure = None
+        # The failed attempt's updates are discarded: the same update sent for the next
+        # attempt is a new contribution, not a resubmission to acknowledge and ignore.
+        self._accepted_digests = {k: v for k, v in self._accepted_digests.items()
+                                  if k[0] != self._round}
         cmds: list[Command] = [CloseRound(round=self._round, kind=TaskKind.FIT,
                                           status=RoundStatus.FAILED, reason=reason)]
         if self._attempt >= self.spec.selection.max_round_attempts:
