@@ -39,12 +39,13 @@ _PREFIX = struct.Struct(f"<{len(MAGIC)}sHI")
 _MAX_DESCRIPTION_BYTES = 64 * 1024 * 1024
 
 
-def encode_checkpoint(parameters: Parameters) -> bytes:
-    """Serialise ``parameters`` into the checkpoint file format."""
+def encode_checkpoint(parameters: Parameters, *, digest: str | None = None) -> bytes:
+    """Serialise ``parameters`` into the checkpoint file format; ``digest``, when the caller
+    already has ``parameters.digest()``, saves hashing the model a second time."""
     payload = parameters.to_bytes()
     description = {
         "layout": [[name, list(shape)] for name, shape in parameters.layout.entries],
-        "digest": parameters.digest(),
+        "digest": parameters.digest() if digest is None else digest,
         "payload_bytes": payload.nbytes,
     }
     desc_bytes = json.dumps(description, separators=(",", ":")).encode("utf-8")
@@ -117,12 +118,13 @@ def _parse_description(raw: bytes, label: str) -> tuple[Layout, str, int]:
     return layout, digest, payload_bytes
 
 
-def write_checkpoint(path: Path, parameters: Parameters) -> int:
+def write_checkpoint(path: Path, parameters: Parameters, *, digest: str | None = None) -> int:
     """Atomically write ``parameters`` to ``path``; returns the file size in bytes.
 
     Missing folders are created (and their parents fsynced). OS errors become ``LedgerError``.
+    ``digest`` is as for ``encode_checkpoint``.
     """
-    data = encode_checkpoint(parameters)
+    data = encode_checkpoint(parameters, digest=digest)
     folder = path.parent
     try:
         _make_dirs_durably(folder)

@@ -289,7 +289,7 @@ class SqliteLedger(SqliteTransactions):
                 current = check_committable(
                     fetch_round(conn, run_id, round, TaskKind.FIT), run_id, round
                 )
-                nbytes = write_checkpoint(path, parameters)
+                nbytes = write_checkpoint(path, parameters, digest=digest)
                 written = True
                 conn.execute(
                     "UPDATE rounds SET status = ?, finished_at = ?, model_digest = ?, "
