@@ -103,7 +103,10 @@ class Recorder:
 
 def client_noise(partition_id: int, server_round: int, dim: int) -> FloatArray:
     rng = np.random.default_rng([partition_id, server_round])
-    return rng.normal(0.0, NOISE_STD, size=dim).astype(np.float32)
+    # float32 draws, as conclave.trainers.noise makes them: both sides pay the same
+    noise = rng.standard_normal(dim, dtype=np.float32)
+    noise *= np.float32(NOISE_STD)
+    return noise
 
 
 def dropped_partitions(clients: int, fraction: float, seed: int) -> frozenset[int]:

@@ -139,7 +139,10 @@ def build_apps(clients: int, dim: int, rounds: int) -> tuple[ServerApp, ClientAp
         vector = msg.content.array_records["arrays"].to_numpy_ndarrays()[0]
         server_round = int(_scalar(msg.content.config_records["config"]["server-round"]))
         rng = np.random.default_rng([context.node_id, server_round])
-        noise = rng.normal(0.0, NOISE_STD, size=vector.shape).astype(np.float32)
+        # generated as conclave.trainers.noise does (float32 draws), so both sides pay the
+        # same for 'training' and the ratio measures the frameworks
+        noise = rng.standard_normal(vector.shape, dtype=np.float32)
+        noise *= np.float32(NOISE_STD)
         content = RecordDict(
             {
                 "arrays": ArrayRecord([vector + noise]),
