@@ -8,8 +8,8 @@ import logging
 
 from conclave.core.errors import ConclaveError
 from conclave.core.parameters import Layout, Parameters
-from conclave.core.types import EvaluateResult, FitResult, TrainerContext
 from conclave.core.ports import Trainer
+from conclave.core.types import EvaluateResult, FitResult, TrainerContext
 
 __all__ = [
     "ConclaveError",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from conclave.core.parameters import Parameters
 from conclave.core.ports import Ledger
 from conclave.core.records import RoundRecord, RunRecord
-from conclave.core.rounds.machine import ResumePoint
+from conclave.core.rounds.resume import ResumePoint
 from conclave.core.types import (
     ContributionStatus,
     RoundStatus,

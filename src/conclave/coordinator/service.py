@@ -42,7 +42,8 @@ from conclave.core.rounds.events import (
     Substitute,
     Timer,
 )
-from conclave.core.rounds.machine import ResumePoint, RunMachine
+from conclave.core.rounds.machine import RunMachine
+from conclave.core.rounds.resume import ResumePoint
 from conclave.core.spec import RunSpec
 from conclave.core.types import (
     ContributionStatus,

@@ -161,7 +161,7 @@ class Parameters:
 
     def to_bytes(self) -> memoryview:
         """The raw little-endian float32 buffer, without copying."""
-        return memoryview(self._flat).cast("B")
+        return memoryview(self._flat).cast("B")  # type: ignore[arg-type]  # numpy stubs lack Buffer
 
     def copy(self) -> Parameters:
         return Parameters(self._layout, self._flat.copy())

@@ -209,7 +209,7 @@ class _Table:
             raise ConfigError(self._name(key), value, "a finite number > 0")
         return value
 
-    def str(self, key: str, default: str | None, *, pattern: re.Pattern[str] | None = None,
+    def text(self, key: str, default: str | None, *, pattern: re.Pattern[str] | None = None,
             allowed: str = "a string") -> str:
         value = self.raw(key, default)
         if value is None:
@@ -256,7 +256,7 @@ def _scalars(table: _Table) -> dict[str, Scalar]:
 
 def _build(root: _Table, source: str) -> RunSpec:
     run = root.table("run", required=True)
-    name = run.str("name", None, pattern=_NAME, allowed="letters, digits, '-', '_', '.' (1-128)")
+    name = run.text("name", None, pattern=_NAME, allowed="letters, digits, '-', '_', '.' (1-128)")
     rounds = run.int("rounds", None, minimum=1)
     if rounds > MAX_ROUNDS:
         raise ConfigError("run.rounds", rounds, f"an integer from 1 to {MAX_ROUNDS}")
@@ -264,7 +264,7 @@ def _build(root: _Table, source: str) -> RunSpec:
     run.check_unknown()
 
     task_t = root.table("task", required=True)
-    trainer = task_t.str("trainer", None, pattern=_TRAINER_REF, allowed="'package.module:attribute'")
+    trainer = task_t.text("trainer", None, pattern=_TRAINER_REF, allowed="'package.module:attribute'")
     config = _scalars(task_t.table("config"))
     options = {k: str(v) for k, v in _scalars(task_t.table("options")).items()}
     task_t.check_unknown()
@@ -322,7 +322,7 @@ def _build(root: _Table, source: str) -> RunSpec:
     sim = root.table("simulation")
     simulation = SimulationSpec(
         participants=sim.int("participants", max(len(names), min_participants, 1), minimum=1),
-        name_format=sim.str("name_format", "participant-{i}", allowed="a format string with {i}"),
+        name_format=sim.text("name_format", "participant-{i}", allowed="a format string with {i}"),
     )
     sim.check_unknown()
     if "{i}" not in simulation.name_format:

@@ -11,27 +11,27 @@ import functools
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from conclave.coordinator.recovery import Recovered
 from conclave.coordinator.service import Coordinator, RoundTiming
+from conclave.core.errors import TrainerError
+from conclave.core.parameters import Parameters
 from conclave.core.ports import CoordinatorService, Ledger, Trainer, TrainerFactory
 from conclave.core.spec import RunSpec
-from conclave.core.parameters import Parameters
 from conclave.core.types import (
     Config,
     EvaluateResult,
-    FitResult,
     Evaluation,
+    FitResult,
     SecAggStep,
     Task,
     TrainerContext,
     Update,
 )
-from conclave.core.errors import TrainerError
 from conclave.participant.agent import ParticipantAgent, build_trainer
 from conclave.participant.secure import StageMessage
 from conclave.simulation.faults import FaultPlan
@@ -149,9 +149,10 @@ class Simulation:
 
     def _before_send(self, user: Callable[[str, SecAggStep | str, int], bool | None] | None,
                      name: str, step: SecAggStep | str, round: int) -> bool:
-        if self.faults.crashes_before(name, getattr(step, "value", step), round):
-            self._crash(name, f"crashed before sending {getattr(step, 'value', step)} "
-                              f"in round {round} (fault injection)")
+        where = step.value if isinstance(step, SecAggStep) else step
+        if self.faults.crashes_before(name, where, round):
+            self._crash(name, f"crashed before sending {where} in round {round} "
+                              f"(fault injection)")
             return False
         return user is None or user(name, step, round) is not False
 

@@ -103,25 +103,27 @@ class Submissions(RunState):
             invalid = True
             self._answered.add(evaluation.participant)
         if reason:
-            return [
+            rejected: list[Command] = [
                 RecordContribution(round=evaluation.round, kind=TaskKind.EVALUATE,
                                    participant=evaluation.participant,
                                    status=ContributionStatus.REJECTED, reason=reason,
                                    metrics=metrics),
                 Reply(verdict=Verdict(accepted=False, reason=reason)),
-            ] + (self._maybe_close() if invalid else [])
+            ]
+            return rejected + (self._maybe_close() if invalid else [])
         self._answered.add(evaluation.participant)
         result = dict(metrics)
         result["loss"] = float(evaluation.loss)
         result["num_examples"] = float(evaluation.num_examples)
         self._evaluations[evaluation.participant] = result
-        return [
+        accepted: list[Command] = [
             RecordContribution(round=evaluation.round, kind=TaskKind.EVALUATE,
                                participant=evaluation.participant,
                                status=ContributionStatus.ACCEPTED,
                                weight=evaluation.num_examples, metrics=result),
             Reply(verdict=Verdict(accepted=True)),
-        ] + self._maybe_close()
+        ]
+        return accepted + self._maybe_close()
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
