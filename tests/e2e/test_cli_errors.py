@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,3 +94,60 @@ def test_sigterm_marks_the_run_interrupted_and_keeps_committed_rounds(tmp_path: 
     assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
     shown = conclave("ledger", "show", str(state), "--json")
     assert json.loads(shown.stdout)["run"]["status"] == "interrupted"
+
+
+def _demo_running(tmp_path: Path) -> tuple[subprocess.Popen[bytes], list[int], Path]:
+    """A long demo, started and past its third round; its participant processes' ids."""
+    import psutil
+
+    state = tmp_path / "demo"
+    out = tmp_path / "demo.out"
+    with out.open("wb") as sink:
+        demo = subprocess.Popen([sys.executable, "-m", "conclave", "demo", "--state-dir",
+                                 str(state), "--rounds", "2000"], stdout=sink,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        end = time.monotonic() + 60
+        while not re.search(r"round +[3-9]\d*/2000", out.read_text()):
+            assert demo.poll() is None and time.monotonic() < end, out.read_text()
+            time.sleep(0.05)
+        children = [c.pid for c in psutil.Process(demo.pid).children()]
+        assert len(children) == 4
+    except BaseException:
+        demo.kill()
+        demo.wait()
+        raise
+    return demo, children, state
+
+
+def _gone_within(pids: list[int], timeout_s: float) -> list[int]:
+    import psutil
+
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
+                                 timeout=timeout_s)
+    return [p.pid for p in alive]
+
+
+def test_sigterm_stops_the_demo_and_its_participants(tmp_path: Path) -> None:
+    demo, children, state = _demo_running(tmp_path)
+    try:
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=30) == 130
+        assert _gone_within(children, 10) == []
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    summary = json.loads((state / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
+    assert summary["rounds_committed"] >= 3
+
+
+def test_a_demo_killed_outright_leaves_no_participant_behind(tmp_path: Path) -> None:
+    demo, children, _ = _demo_running(tmp_path)
+    demo.kill()
+    demo.wait(timeout=30)
+    leftover = _gone_within(children, 10)
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    assert leftover == []

@@ -138,9 +138,32 @@ def _stop_on_signals() -> threading.Event:
 
 
 # -- participant ----------------------------------------------------------------------------
+_PARENT_ENV = "CONCLAVE_DIE_WITH_PARENT"
+
+
+def _die_with_parent() -> None:
+    """A participant started by ``conclave demo`` (which sets ``CONCLAVE_DIE_WITH_PARENT`` to
+    its pid) asks Linux for SIGTERM when the demo dies (``prctl(PR_SET_PDEATHSIG)``), so a demo
+    killed outright leaves no participant behind; if the demo is already gone, it exits now.
+    Elsewhere participants exit once their reconnection attempts run out."""
+    expected = os.environ.pop(_PARENT_ENV, "")
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != expected:  # the demo died before the request took effect
+        raise SystemExit(1)
+
+
 def participant(args: argparse.Namespace) -> int:
     from conclave.cli.main import _parse_options
 
+    _die_with_parent()
     factory = load_trainer_factory(args.trainer)
     crash = _crash_hook(args.crash_at)
     client = GrpcCoordinatorClient(args.coordinator)
@@ -235,9 +258,11 @@ def demo(args: argparse.Namespace) -> int:
     print(f"run {coord.run_id}; participant logs in {logs}/")
     procs: list[subprocess.Popen[bytes]] = []
     interrupted = False
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         coord.start()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # the participants ask the OS to stop them when the demo dies, even by SIGKILL
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{_PARENT_ENV: str(os.getpid())})
         for name in names:
             log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
             procs.append(subprocess.Popen(
@@ -254,11 +279,13 @@ def demo(args: argparse.Namespace) -> int:
                 break
         _linger(coord, spec)
         _wait_processes(procs, timeout_s=10.0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         interrupted = True
-        coord.interrupt("demo interrupted (Ctrl-C)")
-        print("\nconclave: interrupted; shutting down", file=sys.stderr)
+        how = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
+        coord.interrupt(f"demo interrupted ({how})")
+        print(f"\nconclave: interrupted ({how}); shutting down", file=sys.stderr)
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         progress.close()
         _stop_processes(procs)
         server.stop(grace_s=1.0)
@@ -271,6 +298,15 @@ def demo(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     return 0 if summary["status"] == "finished" else 1
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the demo records the run as interrupted and stops its
+    participant processes."""
+
+
+def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
 
 
 def _wait_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
