@@ -93,3 +93,48 @@ def test_killed_coordinator_resumes_to_the_same_model(tmp_path: Path, point: str
     summary = json.loads((state / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_committed"] == 4
     assert summary["model_digest"] == _reference(tmp_path, spec)
+
+
+def test_a_coordinator_stopped_by_sigterm_is_resumed_by_the_same_command(tmp_path: Path) -> None:
+    """A clean stop (SIGTERM) records the run as interrupted and exits 130 without telling the
+    participants the run is over; they keep retrying, and the restarted coordinator resumes
+    the run to the same model as an uninterrupted one."""
+    import re
+    import signal
+
+    spec = tmp_path / "long.toml"
+    spec.write_text(_spec(tmp_path, False).read_text().replace("rounds = 4", "rounds = 40"))
+    state = tmp_path / "state"
+    log = tmp_path / "coordinator.log"
+    first = _spawn(["coordinator", "--spec", str(spec), "--state-dir", str(state)], log)
+    procs = [first]
+    try:
+        address = _address(log, first)
+        for i in range(4):
+            procs.append(_spawn(["participant", "--coordinator", address, "--name",
+                                 f"hospital-{i}"], tmp_path / f"hospital-{i}.log"))
+        end = time.monotonic() + 60
+        while not re.search(r"round +[3-9]\d*/40", log.read_text()):
+            assert first.poll() is None and time.monotonic() < end, log.read_text()
+            time.sleep(0.02)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 130, log.read_text()
+        interrupted = json.loads((state / "summary.json").read_text())
+        assert interrupted["status"] == "interrupted"
+        assert 0 < interrupted["rounds_committed"] < 40
+        assert all(p.poll() is None for p in procs[1:]), "a participant left the run"
+        second = _spawn(["coordinator", "--spec", str(spec), "--state-dir", str(state),
+                         "--address", address], log)
+        procs.append(second)
+        assert second.wait(timeout=180) == 0, log.read_text()
+        for p in procs[1:5]:
+            assert p.wait(timeout=60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert "resuming run" in log.read_text()
+    summary = json.loads((state / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_committed"] == 40
+    assert summary["model_digest"] == _reference(tmp_path, spec)

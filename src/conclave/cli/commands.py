@@ -22,7 +22,7 @@ from conclave.coordinator.service import Coordinator, RoundTiming
 from conclave.core.errors import ConfigError, TransportError
 from conclave.core.ports import Ledger
 from conclave.core.spec import RunSpec
-from conclave.core.types import SecAggStep, TaskKind, TrainerContext
+from conclave.core.types import RunStatus, SecAggStep, TaskKind, TrainerContext
 from conclave.ledger.memory import MemoryLedger
 from conclave.ledger.sqlite import SqliteLedger
 from conclave.participant.agent import ParticipantAgent, build_trainer, load_trainer_factory
@@ -106,10 +106,12 @@ def coordinator(args: argparse.Namespace) -> int:
         coord.start()
         while not coord.wait(0.5):
             if stop.is_set():
-                print("conclave: stopping on SIGTERM", file=sys.stderr)
+                print("conclave: stopping on SIGTERM; restart with the same command to resume "
+                      "the run (participants keep retrying)", file=sys.stderr)
                 coord.interrupt("coordinator stopped by SIGTERM")
                 break
-        _linger(coord, spec)
+        if coord.status is not RunStatus.INTERRUPTED:
+            _linger(coord, spec)
     except KeyboardInterrupt:
         coord.interrupt("coordinator interrupted (SIGINT)")
         raise
@@ -119,7 +121,12 @@ def coordinator(args: argparse.Namespace) -> int:
         write_summary(args.state_dir, summary)
         ledger.close()
     _print_results(summary)
-    return 0 if summary["status"] == "finished" else 1
+    return _exit_status(summary)
+
+
+def _exit_status(summary: Mapping[str, Any]) -> int:
+    """0 finished, 130 interrupted (a signal or Ctrl-C), 1 failed."""
+    return {"finished": 0, "interrupted": 130}.get(str(summary["status"]), 1)
 
 
 def _linger(coord: Coordinator, spec: RunSpec) -> None:

@@ -41,6 +41,9 @@ from conclave.core.types import (
     Verdict,
 )
 
+_OVER = frozenset({RunStatus.FINISHED, RunStatus.FAILED})
+"""Run states that participants are told about: the run is over and they may exit."""
+
 
 class ParticipantEndpoints(ABC):
     """The service methods of ``Coordinator``; its ``__init__`` sets the state below."""
@@ -104,11 +107,11 @@ class ParticipantEndpoints(ABC):
         with self._cond:
             self._check_member(run_id, participant)
             self._seen(participant)
-            finished = self._status is not RunStatus.RUNNING
+            finished = self._status in _OVER
             if finished:
                 self._told_finished.add(participant)
             return HeartbeatReply(
-                has_task=self._machine.task_for(participant) is not None,
+                has_task=self._offers_task(participant),
                 run_finished=finished,
             )
 
@@ -118,10 +121,12 @@ class ParticipantEndpoints(ABC):
             self._check_member(run_id, participant)
             while True:
                 self._seen(participant)
-                if self._status is not RunStatus.RUNNING:
+                if self._status in _OVER:
                     self._told_finished.add(participant)
                     return TaskAssignment(task=None, run_finished=True)
-                task = self._machine.task_for(participant)
+                # an interrupted run hands out no task (see _offers_task)
+                task = (self._machine.task_for(participant)
+                        if self._status is RunStatus.RUNNING else None)
                 remaining = deadline - time.monotonic()
                 if task is not None or remaining <= 0:
                     return TaskAssignment(task=task)
@@ -160,6 +165,12 @@ class ParticipantEndpoints(ABC):
             self._check_member(run_id, participant)
             self._seen(participant)
             return self._verdict(self._apply(StageReceived(participant, round, step, payload)))
+
+    def _offers_task(self, participant: str) -> bool:
+        """Only a running run hands out tasks. An interrupted one (its coordinator is being
+        stopped) hands out none and does not say the run is over either: participants keep
+        retrying, and rejoin the run when the coordinator is restarted and resumes it."""
+        return self._status is RunStatus.RUNNING and self._machine.task_for(participant) is not None
 
     def _check_member(self, run_id: str, participant: str) -> None:
         if run_id != self.run_id:
