@@ -270,3 +270,18 @@ def test_out_of_order_arrivals_are_aggregated_in_canonical_order() -> None:
     assert ask.contributors == (("a", 1), ("b", 3)) and of(cmds, CommitRound) == []
     done = m.handle(AggregateComputed(1, params(3.25, 6.5)))
     assert of(done, CommitRound)[0].parameters.flat.tolist() == [3.25, 6.5]
+
+
+def test_an_aggregate_that_overflows_float32_is_not_committed() -> None:
+    """Two finite updates whose weighted sum passes float32's range: the attempt fails with
+    the reason and the global model stays what it was."""
+    m = started(quorum=2, min_participants=2)
+    m.handle(ParticipantJoined("a"))
+    m.handle(ParticipantJoined("b"))
+    m.handle(UpdateReceived(update(m, "a", (3e38, 1.0), 1)))
+    cmds = m.handle(UpdateReceived(update(m, "b", (3e38, 1.0), 1)))
+    assert of(cmds, CommitRound) == []
+    closed = of(cmds, CloseRound)[0]
+    assert closed.status is RoundStatus.FAILED and "not finite" in closed.reason
+    assert m.global_parameters.flat.tolist() == [0.0, 0.0]
+    assert of(cmds, StartRound)[0].attempt == 2

@@ -65,8 +65,9 @@ class WeightedMean:
             raise AggregationError("contribution layout differs from the aggregator's")
         if weight <= 0:
             raise AggregationError(f"weight must be positive, got {weight}")
-        np.multiply(parameters.flat, np.float32(weight), out=self._scratch)
-        self._acc += self._scratch
+        with np.errstate(over="ignore"):  # an overflow shows in result(): is_finite() is False
+            np.multiply(parameters.flat, np.float32(weight), out=self._scratch)
+            self._acc += self._scratch
         self._total += weight
         self._count += 1
 

@@ -307,6 +307,13 @@ class RunMachine(Submissions, SecureSteps, Resumption):
         metrics["contributions"] = float(self._agg.count)
         metrics["examples"] = float(total)
         streamed = self._agg.result()
+        if not streamed.is_finite():
+            # Each update was finite, but weight x value summed past float32's range: commit
+            # nothing rather than a model of Inf (robust aggregation would clip such updates).
+            return self._fail_attempt(
+                "the aggregate is not finite: the accepted updates' weighted values overflow "
+                "float32 (an update with huge values?); the global model is unchanged"
+            )
         canonical = sorted(self._arrivals)
         if self._arrivals == canonical:
             return self._commit(streamed, metrics)
