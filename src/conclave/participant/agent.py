@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conclave.core.errors import (
@@ -270,20 +271,26 @@ class ParticipantAgent:
                 if isinstance(n, bool) or not isinstance(n, int) or not -2**63 <= n < 2**63:
                     raise TrainerError(f"trainer.fit returned num_examples={n!r}; "
                                        "it must be a 64-bit integer")
+                metrics = _metrics(fit.metrics, "fit")
                 if setup is not None:
                     return self._start_secure(task, setup, fit)
                 return Update(
                     run_id=task.run_id, round=task.round, participant=self.name,
                     num_examples=fit.num_examples, parameters=fit.parameters,
-                    metrics=dict(fit.metrics), train_seconds=time.perf_counter() - started,
+                    metrics=metrics, train_seconds=time.perf_counter() - started,
                     digest=fit.parameters.digest(),
                 )
             ev = self._trainer.evaluate(task.config)
             if not isinstance(ev, EvaluateResult):
                 raise TrainerError("trainer.evaluate must return an EvaluateResult")
+            if isinstance(ev.num_examples, bool) or not isinstance(
+                    ev.num_examples, (int, np.integer)) or not _is_number(ev.loss):
+                raise TrainerError(f"trainer.evaluate returned loss={ev.loss!r}, num_examples="
+                                   f"{ev.num_examples!r}; they must be a number and an integer")
             return Evaluation(
                 run_id=task.run_id, round=task.round, participant=self.name,
-                loss=float(ev.loss), num_examples=int(ev.num_examples), metrics=dict(ev.metrics),
+                loss=float(ev.loss), num_examples=int(ev.num_examples),
+                metrics=_metrics(ev.metrics, "evaluate"),
             )
         except TrainerError as exc:
             raise TrainerError(f"{self.name}: {exc}") from exc
@@ -339,6 +346,24 @@ class ParticipantAgent:
         self._pending = self.prepare(task)
         self.submit(self._pending)
         self._pending = None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _metrics(metrics: object, method: str) -> dict[str, float]:
+    """A trainer's metrics as ``{name: float}``; anything else is the trainer's error, named."""
+    if not isinstance(metrics, Mapping):
+        raise TrainerError(f"trainer.{method} returned metrics={metrics!r}; expected a mapping "
+                           "of names to numbers")
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not _is_number(value):
+            raise TrainerError(f"trainer.{method} returned metric {name!r} = {value!r}; metrics "
+                               "must map names to numbers")
+        out[name] = float(value)
+    return out
 
 
 def _telemetry() -> dict[str, float]:

@@ -127,7 +127,10 @@ class Submissions(RunState):
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {str(k): float(v) for k, v in metrics.items() if np.isfinite(v)}
+    """The finite numeric metrics (anything else a peer sent is left out, not trusted)."""
+    return {str(k): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+            and np.isfinite(v)}
 
 
 def _safe_weight(num_examples: int) -> int:
