@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import re
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def _run_with_deaths(tmp_path: Path, spec: Path, rounds: int) -> list[tuple[str,
         end = time.monotonic() + 240
         while coord.poll() is None and time.monotonic() < end:
             for name, proc in procs.items():
-                if proc.poll() == 137 and name not in restart_at:
+                if proc.poll() == -signal.SIGKILL and name not in restart_at:
                     died = re.findall(r"crash-at fit:(\d+)",
                                       (tmp_path / f"{name}.log").read_text())[-1]
                     deaths.append((name, int(died)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,7 +58,8 @@ def test_secure_round_survives_a_participant_killed_mid_protocol(tmp_path: Path)
             procs.append(_spawn(["participant", "--coordinator", address, "--name", name,
                                  *extra], tmp_path / f"{name}.log"))
         victim = procs[2]
-        assert victim.wait(timeout=120) == 137, (tmp_path / f"{KILLED}.log").read_text()
+        assert victim.wait(timeout=120) == -signal.SIGKILL, (
+            (tmp_path / f"{KILLED}.log").read_text())
         # the hospital comes back (a restarted process, with a new identity key)
         procs.append(_spawn(["participant", "--coordinator", address, "--name", KILLED],
                             tmp_path / f"{KILLED}-restarted.log"))

@@ -188,6 +188,11 @@ def participant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kill_self() -> None:
+    """Fault injection: die by a real SIGKILL, no cleanup, nothing flushed but what already was."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _coordinator_crash_hook(spec: str | None) -> Callable[[str, int], None] | None:
     if spec is None:
         return None
@@ -200,7 +205,7 @@ def _coordinator_crash_hook(spec: str | None) -> Callable[[str, int], None] | No
     def hook(at: str, rnd: int) -> None:
         if (at, rnd) == target:
             print(f"crash-at {spec}: exiting now", file=sys.stderr, flush=True)
-            os._exit(137)
+            _kill_self()
 
     return hook
 
@@ -221,7 +226,7 @@ def _crash_hook(spec: str | None) -> Callable[[SecAggStep | str, int], bool | No
         if (getattr(at, "value", at), rnd) in points:
             where = f"{getattr(at, 'value', at)}:{rnd}"
             print(f"crash-at {where}: exiting now", flush=True)
-            os._exit(137)
+            _kill_self()
         return True
 
     return hook

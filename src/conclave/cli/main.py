@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start a new run even if the state dir holds an unfinished run of "
                             "this spec (by default that run is resumed)")
     coord.add_argument("--crash-at", default=None, metavar="POINT:ROUND",
-                       help="fault injection for tests: exit at once (like SIGKILL) at POINT "
+                       help="fault injection for tests: kill itself with SIGKILL at POINT "
                             "(selection, upload, aggregation, commit, unmask) of ROUND")
 
     part = sub.add_parser("participant", help="join a coordinator and train on local data")
@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--connect-timeout", type=float, default=60.0,
                       help="seconds to keep retrying the first connection")
     part.add_argument("--crash-at", default=None, metavar="STEP:ROUND",
-                      help="fault injection for tests: exit at once (no goodbye, like a "
-                           "power cut) just before sending STEP in ROUND: fit (the trained "
+                      help="fault injection for tests: kill itself with SIGKILL (no goodbye, "
+                           "like a power cut) just before sending STEP in ROUND: fit (the trained "
                            "update) or a secure-aggregation step (advertise, share, "
                            "masked_input, unmask)")
 
