@@ -291,6 +291,29 @@ def test_commit_round_stores_model_and_marks_round(ledger: Ledger) -> None:
     assert loaded.names == ("w", "b")
 
 
+def test_strategy_state_is_checkpointed_with_the_model(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    ledger.start_round(make_round(1))
+    ledger.commit_round(RUN, 1, make_params(1.0), finished_at=2.0)
+    ledger.start_round(make_round(2))
+    velocity = make_params(-0.5)
+    checkpoint = ledger.commit_round(RUN, 2, make_params(2.0), finished_at=3.0,
+                                     strategy_state=velocity)
+    assert checkpoint.digest == make_params(2.0).digest()  # the model's digest, as before
+    assert ledger.load_strategy_state(RUN, 1) is None
+    assert ledger.load_strategy_state(RUN, 2) == velocity
+    assert ledger.load_checkpoint(RUN, 2) == make_params(2.0)
+    assert ledger.latest_checkpoint(RUN) == (2, make_params(2.0), [])
+    # damage to the state makes the whole checkpoint unusable: recovery walks back past it
+    damage_checkpoint(ledger, 2, "flip")
+    with pytest.raises(CheckpointCorrupted, match="strategy state"):
+        ledger.load_strategy_state(RUN, 2)
+    found = ledger.latest_checkpoint(RUN)
+    assert found is not None and found[:2] == (1, make_params(1.0))
+    with pytest.raises(LedgerError, match="no checkpoint for round 3"):
+        ledger.load_strategy_state(RUN, 3)
+
+
 def test_checkpoints_listed_by_round(ledger: Ledger) -> None:
     ledger.create_run(make_run())
     for number in (2, 1, 3):

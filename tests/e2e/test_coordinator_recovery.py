@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fed-heart-disease.toml"
 
 
-def _spec(tmp: Path, secure: bool) -> Path:
+def _spec(tmp: Path, secure: bool, momentum: bool = False) -> Path:
     text = (EXAMPLE.read_text()
             .replace("rounds = 15", "rounds = 4")
             .replace("every_rounds = 1", "every_rounds = 2")
@@ -27,7 +27,10 @@ def _spec(tmp: Path, secure: bool) -> Path:
             .replace("lost_after_heartbeats = 10", "lost_after_heartbeats = 60"))
     if secure:
         text += "\n[secure_aggregation]\nstage_timeout_s = 20\n"
-    path = tmp / ("secure.toml" if secure else "plain.toml")
+    if momentum:  # FedAvgM: the velocity must survive the crash in the checkpoint
+        text = text.replace('name = "fedavg"', 'name = "fedavgm"\nserver_momentum = 0.5')
+        assert "fedavgm" in text
+    path = tmp / ("secure.toml" if secure else "momentum.toml" if momentum else "plain.toml")
     path.write_text(text)
     return path
 
@@ -60,13 +63,14 @@ def _reference(tmp: Path, spec: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    ("point", "secure"),
-    [("selection:2", False), ("upload:3", False), ("aggregation:3", False),
-     ("commit:2", False), ("unmask:2", True)],
+    ("point", "secure", "momentum"),
+    [("selection:2", False, False), ("upload:3", False, False),
+     ("aggregation:3", False, False), ("commit:2", False, False), ("unmask:2", True, False),
+     ("upload:3", False, True)],
 )
 def test_killed_coordinator_resumes_to_the_same_model(tmp_path: Path, point: str,
-                                                      secure: bool) -> None:
-    spec = _spec(tmp_path, secure)
+                                                      secure: bool, momentum: bool) -> None:
+    spec = _spec(tmp_path, secure, momentum)
     state = tmp_path / "state"
     log = tmp_path / "coordinator.log"
     first = _spawn(["coordinator", "--spec", str(spec), "--state-dir", str(state),

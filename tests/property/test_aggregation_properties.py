@@ -89,3 +89,23 @@ def test_parameters_bytes_round_trip_and_views(dims: list[tuple[int, int]], seed
         p[first].reshape(-1)[0] = 123.0
         assert 123.0 in p.flat
         assert back.digest() != p.digest()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 16).flatmap(lambda d: st.tuples(
+    *(hnp.arrays(np.float32, d, elements=finite) for _ in range(3)))),
+    st.floats(0.0, 0.99), st.floats(0.01, 2.0))
+def test_server_momentum_matches_float64_reference(
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray], momentum: float, lr: float
+) -> None:
+    from conclave.core.aggregation.server_momentum import ServerMomentum
+
+    x, a, v = arrays
+    p = {"x": Parameters.from_arrays({"v": x}), "a": Parameters.from_arrays({"v": a}),
+         "v": Parameters.from_arrays({"v": v})}
+    new, velocity = ServerMomentum(server_lr=lr, momentum=momentum).step(p["x"], p["a"], p["v"])
+    ref_v = np.float64(np.float32(momentum)) * v.astype(np.float64) + (x.astype(np.float64) - a)
+    ref_x = x.astype(np.float64) - np.float64(np.float32(lr)) * ref_v
+    scale = max(1.0, float(np.abs(np.stack(arrays)).max()))
+    np.testing.assert_allclose(velocity.flat, ref_v, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(new.flat, ref_x, rtol=0, atol=1e-5 * scale * 3)

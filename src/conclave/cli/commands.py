@@ -62,7 +62,8 @@ def _make_coordinator(spec: RunSpec, ledger: Ledger, progress: RoundProgress | N
     print(f"resuming run {run.run_id} after round {point.completed_rounds} ({where})",
           flush=True)
     return Coordinator(spec=spec, ledger=ledger, initial=found.parameters or initial,
-                       on_round=hook, run_id=run.run_id, resume=point, fault=fault)
+                       on_round=hook, run_id=run.run_id, resume=point, fault=fault,
+                       strategy_state=found.strategy_state)
 
 
 # -- simulate -------------------------------------------------------------------------------

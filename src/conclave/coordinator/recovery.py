@@ -35,6 +35,8 @@ class Recovered:
     point: ResumePoint
     problems: tuple[str, ...]
     """Checkpoints that were skipped because they were corrupt or missing."""
+    strategy_state: Parameters | None = None
+    """The strategy state checkpointed with ``parameters`` (FedAvgM's velocity)."""
 
 
 def unfinished_run(ledger: Ledger, spec_source: str) -> RunRecord | None:
@@ -52,9 +54,11 @@ def recover(ledger: Ledger, run: RunRecord) -> Recovered:
     problems: tuple[str, ...] = ()
     parameters: Parameters | None = None
     completed = 0
+    strategy_state: Parameters | None = None
     if latest is not None:
         completed, parameters, skipped = latest
         problems = tuple(skipped)
+        strategy_state = ledger.load_strategy_state(run_id, completed)
     rounds = sorted(ledger.rounds(run_id), key=lambda r: (r.round, _KIND_ORDER[r.kind]))
     committed_fits = [r.round for r in rounds
                       if r.kind is TaskKind.FIT and r.status is RoundStatus.COMMITTED]
@@ -75,9 +79,10 @@ def recover(ledger: Ledger, run: RunRecord) -> Recovered:
     last_eval = _evaluations(ledger, run_id, evaluations[-1]) if evaluations else {}
     evaluation_done = any(r.round == completed for r in evaluations)
     if not in_progress:
-        return Recovered(run=run, parameters=parameters, problems=problems, point=ResumePoint(
-            completed_rounds=completed, last_evaluation=last_eval,
-            evaluation_done=evaluation_done))
+        return Recovered(run=run, parameters=parameters, problems=problems,
+                         strategy_state=strategy_state, point=ResumePoint(
+                             completed_rounds=completed, last_evaluation=last_eval,
+                             evaluation_done=evaluation_done))
     current = in_progress[-1]
     answered, accepted = _answers(ledger, run_id, current)
     point = ResumePoint(
@@ -88,7 +93,8 @@ def recover(ledger: Ledger, run: RunRecord) -> Recovered:
         else {},
         last_evaluation=last_eval, evaluation_done=evaluation_done,
     )
-    return Recovered(run=run, parameters=parameters, point=point, problems=problems)
+    return Recovered(run=run, parameters=parameters, point=point, problems=problems,
+                     strategy_state=strategy_state)
 
 
 def _answers(ledger: Ledger, run_id: str, current: RoundRecord) -> tuple[set[str], list[Update]]:

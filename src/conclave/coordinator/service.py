@@ -85,10 +85,12 @@ class Coordinator(ParticipantEndpoints):
         spool: bool = True,
         resume: ResumePoint | None = None,
         fault: Callable[[str, int], None] | None = None,
+        strategy_state: Parameters | None = None,
     ) -> None:
         """``spool``: make accepted updates durable before acknowledging them, and aggregate
         in canonical order from the spool (off in simulation, whose order is canonical).
-        ``resume``: continue run ``run_id`` from its ledger (see ``coordinator.recovery``).
+        ``resume``: continue run ``run_id`` from its ledger (see ``coordinator.recovery``),
+        with ``initial`` and ``strategy_state`` read back from its last checkpoint.
         ``fault(point, round)``: a test hook called at named points (fault injection)."""
         self.spec = spec
         self._detect_lost = detect_lost
@@ -100,7 +102,7 @@ class Coordinator(ParticipantEndpoints):
         self._on_round = on_round
         self._cond = threading.Condition()
         self._machine = RunMachine(run_id=self.run_id, spec=spec, initial=initial,
-                                   resume=resume)
+                                   resume=resume, strategy_state=strategy_state)
         self._timers: dict[tuple[Timer, int, int], float] = {}
         self._last_seen = {}
         self._ever_joined = set()
@@ -287,9 +289,10 @@ class Coordinator(ParticipantEndpoints):
                 self._hit("aggregation", r)
                 self._apply(AggregateComputed(r, self._aggregate_in_order(r, contributors,
                                                                           streamed)))
-            case CommitRound(round=r, parameters=params, metrics=metrics):
+            case CommitRound(round=r, parameters=params, metrics=metrics, strategy_state=state):
                 self._hit("aggregation", r)
-                self._ledger.commit_round(self.run_id, r, params, finished_at=now, metrics=metrics)
+                self._ledger.commit_round(self.run_id, r, params, finished_at=now, metrics=metrics,
+                                          strategy_state=state)
                 self._hit("commit", r)
                 if self._spool:
                     self._ledger.clear_spool(self.run_id, r)

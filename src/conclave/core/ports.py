@@ -101,9 +101,11 @@ class Ledger(Protocol):
         *,
         finished_at: float,
         metrics: Mapping[str, float] | None = None,
+        strategy_state: Parameters | None = None,
     ) -> CheckpointRecord:
-        """Atomically store the new global model as a checkpoint and mark the FIT round
-        committed with the checkpoint's digest. When this returns, both are durable."""
+        """Atomically store the new global model (and the strategy's state, if it has one)
+        as a checkpoint and mark the FIT round committed with the checkpoint's digest. When
+        this returns, both are durable."""
         ...
 
     def invalidate_round(self, run_id: str, round: int, reason: str) -> None:
@@ -123,6 +125,11 @@ class Ledger(Protocol):
 
     def load_checkpoint(self, run_id: str, round: int) -> Parameters:
         """Read a checkpoint back, checking its digest (CheckpointCorrupted if it differs)."""
+        ...
+
+    def load_strategy_state(self, run_id: str, round: int) -> Parameters | None:
+        """The strategy state checkpointed with round ``round``'s model (None: none was),
+        checked like ``load_checkpoint``."""
         ...
 
     def prune_checkpoints(self, run_id: str, *, keep_last: int, keep_every: int) -> list[int]:

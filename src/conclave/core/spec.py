@@ -27,6 +27,9 @@ MAX_ROUNDS = 1_000_000
 
 class StrategyName(enum.Enum):
     FEDAVG = "fedavg"
+    """The example-weighted mean of the updates becomes the new global model."""
+    FEDAVGM = "fedavgm"
+    """FedAvg with server momentum (Hsu et al. 2019); its velocity is checkpointed state."""
 
 
 class SecAggProtocol(enum.Enum):
@@ -34,6 +37,17 @@ class SecAggProtocol(enum.Enum):
     """SecAgg+ (Bell et al. 2020): a random k-regular neighbour graph, k = O(log n)."""
     SECAGG = "secagg"
     """SecAgg (Bonawitz et al. 2017): the complete graph."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StrategySpec:
+    """``[strategy]``: how the round's aggregate becomes the next global model."""
+
+    name: StrategyName = StrategyName.FEDAVG
+    server_lr: float = 1.0
+    """FedAvgM: the coordinator's step size along its velocity."""
+    server_momentum: float = 0.9
+    """FedAvgM: how much of the previous rounds' velocity is kept, in [0, 1)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,7 +140,7 @@ class RunSpec:
     rounds: int
     seed: int = 0
     task: TaskSpec
-    strategy: StrategyName = StrategyName.FEDAVG
+    strategy: StrategySpec = field(default_factory=StrategySpec)
     selection: SelectionSpec = field(default_factory=SelectionSpec)
     deadlines: DeadlineSpec = field(default_factory=DeadlineSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
@@ -269,9 +283,7 @@ def _build(root: _Table, source: str) -> RunSpec:
     options = {k: str(v) for k, v in _scalars(task_t.table("options")).items()}
     task_t.check_unknown()
 
-    strat = root.table("strategy")
-    strategy = strat.enum("name", StrategyName, StrategyName.FEDAVG)
-    strat.check_unknown()
+    strategy = _strategy(root.table("strategy"))
 
     sel = root.table("selection")
     per_round = sel.int("participants_per_round", 0)
@@ -351,6 +363,23 @@ def _build(root: _Table, source: str) -> RunSpec:
         secure_aggregation=secure,
         source=source,
     )
+
+
+def _strategy(strat: _Table) -> StrategySpec:
+    name = strat.enum("name", StrategyName, StrategyName.FEDAVG)
+    if name is StrategyName.FEDAVG:
+        for key in ("server_lr", "server_momentum"):
+            if key in strat.data:
+                raise ConfigError(f"strategy.{key}", strat.data[key],
+                                  "only with strategy.name = 'fedavgm'")
+        strat.check_unknown()
+        return StrategySpec(name=name)
+    server_lr = strat.float("server_lr", 1.0)
+    momentum = strat.float("server_momentum", 0.9, positive=False)
+    if not 0.0 <= momentum < 1.0:
+        raise ConfigError("strategy.server_momentum", momentum, "a number in [0, 1)")
+    strat.check_unknown()
+    return StrategySpec(name=name, server_lr=server_lr, server_momentum=momentum)
 
 
 def _secure(root: _Table, selection: SelectionSpec,

@@ -9,6 +9,11 @@ A file is a fixed header, a JSON description, then the raw parameters::
                                              "digest": "<sha256 hex>", "payload_bytes": N}
     payload                     N bytes of little-endian float32 (``Parameters.to_bytes()``)
 
+Format version 2 adds the strategy's state (FedAvgM's velocity): the description gains
+``"state": {"layout": [...], "digest": "<sha256 hex>"}`` and the state's float32 bytes follow
+the model's in the payload (``payload_bytes`` counts both). Files without state are written as
+version 1, so they stay readable by older Conclave versions.
+
 The description carries the model digest, so a file can be checked on its own; the ledger
 also checks it against the digest recorded when the round was committed. Any mismatch,
 truncation or trailing garbage raises ``CheckpointCorrupted`` naming the file.
@@ -34,23 +39,35 @@ from conclave.core.parameters import Layout, Parameters
 logger = logging.getLogger(__name__)
 
 MAGIC = b"CONCLAVE-CKPT\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct(f"<{len(MAGIC)}sHI")
 _MAX_DESCRIPTION_BYTES = 64 * 1024 * 1024
 
 
-def encode_checkpoint(parameters: Parameters, *, digest: str | None = None) -> bytes:
-    """Serialise ``parameters`` into the checkpoint file format; ``digest``, when the caller
-    already has ``parameters.digest()``, saves hashing the model a second time."""
+def encode_checkpoint(
+    parameters: Parameters, *, digest: str | None = None, state: Parameters | None = None
+) -> bytes:
+    """Serialise ``parameters`` (and the strategy's ``state``, if any) into the checkpoint file
+    format; ``digest``, when the caller already has ``parameters.digest()``, saves hashing the
+    model a second time."""
     payload = parameters.to_bytes()
-    description = {
-        "layout": [[name, list(shape)] for name, shape in parameters.layout.entries],
+    description: dict[str, object] = {
+        "layout": _layout_json(parameters.layout),
         "digest": parameters.digest() if digest is None else digest,
         "payload_bytes": payload.nbytes,
     }
+    parts = [payload]
+    if state is not None:
+        description["state"] = {"layout": _layout_json(state.layout), "digest": state.digest()}
+        description["payload_bytes"] = payload.nbytes + state.layout.nbytes
+        parts.append(state.to_bytes())
     desc_bytes = json.dumps(description, separators=(",", ":")).encode("utf-8")
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(desc_bytes))
-    return b"".join((prefix, desc_bytes, payload))
+    prefix = _PREFIX.pack(MAGIC, 1 if state is None else 2, len(desc_bytes))
+    return b"".join((prefix, desc_bytes, *parts))
+
+
+def _layout_json(layout: Layout) -> list[list[object]]:
+    return [[name, list(shape)] for name, shape in layout.entries]
 
 
 def decode_checkpoint(
@@ -60,12 +77,26 @@ def decode_checkpoint(
     expected_digest: str | None = None,
     what: str = "checkpoint",
 ) -> Parameters:
-    """Parse checkpoint bytes; ``what`` and ``source`` name the file in error messages
-    (spooled updates use this format too, as ``what="spooled update"``).
+    """Parse checkpoint bytes into the model; ``what`` and ``source`` name the file in error
+    messages (spooled updates use this format too, as ``what="spooled update"``).
 
     Raises ``CheckpointCorrupted`` when the bytes are truncated, altered or do not match
     ``expected_digest``; ``LedgerError`` when the file was written by a newer format version.
     """
+    return decode_checkpoint_with_state(
+        data, source=source, expected_digest=expected_digest, what=what
+    )[0]
+
+
+def decode_checkpoint_with_state(
+    data: bytes | bytearray | memoryview,
+    *,
+    source: str,
+    expected_digest: str | None = None,
+    what: str = "checkpoint",
+) -> tuple[Parameters, Parameters | None]:
+    """As ``decode_checkpoint``, returning ``(model, strategy state or None)``; the state is
+    checked against its own digest as well."""
     label = f"{what} {source}"
     view = memoryview(data).cast("B")
     if len(view) < _PREFIX.size:
@@ -80,17 +111,19 @@ def decode_checkpoint(
     desc_end = _PREFIX.size + desc_len
     if desc_len > _MAX_DESCRIPTION_BYTES or desc_end > len(view):
         raise CheckpointCorrupted(f"{label} is truncated inside its description")
-    layout, recorded_digest, payload_bytes = _parse_description(
+    layout, recorded_digest, payload_bytes, state_desc = _parse_description(
         bytes(view[_PREFIX.size : desc_end]), label
     )
+    state_nbytes = 0 if state_desc is None else state_desc[0].nbytes
+    needed = layout.nbytes + state_nbytes
     payload = view[desc_end:]
-    if payload_bytes != layout.nbytes or len(payload) != layout.nbytes:
-        problem = "is truncated" if len(payload) < layout.nbytes else "is corrupted"
+    if payload_bytes != needed or len(payload) != needed:
+        problem = "is truncated" if len(payload) < needed else "is corrupted"
         raise CheckpointCorrupted(
             f"{label} {problem}: it holds {len(payload)} payload bytes; "
-            f"its layout [{layout.describe()}] needs {layout.nbytes}"
+            f"its layout [{layout.describe()}] needs {needed}"
         )
-    parameters = Parameters.from_bytes(layout, bytes(payload))
+    parameters = Parameters.from_bytes(layout, bytes(payload[: layout.nbytes]))
     actual = parameters.digest()
     if actual != recorded_digest:
         raise CheckpointCorrupted(
@@ -101,30 +134,54 @@ def decode_checkpoint(
         raise CheckpointCorrupted(
             f"{label} has digest {actual[:12]}, but the ledger recorded {expected_digest[:12]}"
         )
-    return parameters
+    state = None
+    if state_desc is not None:
+        state_layout, state_digest = state_desc
+        state = Parameters.from_bytes(state_layout, bytes(payload[layout.nbytes :]))
+        if state.digest() != state_digest:
+            raise CheckpointCorrupted(
+                f"{label} is corrupted: its strategy state has digest {state.digest()[:12]}, "
+                f"the file says {state_digest[:12]}"
+            )
+    return parameters, state
 
 
-def _parse_description(raw: bytes, label: str) -> tuple[Layout, str, int]:
+def _parse_description(
+    raw: bytes, label: str
+) -> tuple[Layout, str, int, tuple[Layout, str] | None]:
     try:
         desc = json.loads(raw.decode("utf-8"))
-        entries = [(str(name), tuple(int(d) for d in shape)) for name, shape in desc["layout"]]
-        layout = Layout.of(entries)
+        layout = _parse_layout(desc["layout"])
         digest = desc["digest"]
         payload_bytes = desc["payload_bytes"]
+        state = None
+        if "state" in desc:
+            state = (_parse_layout(desc["state"]["layout"]), desc["state"]["digest"])
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointCorrupted(f"{label} has an unreadable description") from exc
-    if not isinstance(digest, str) or not isinstance(payload_bytes, int):
+    if not isinstance(digest, str) or not isinstance(payload_bytes, int) or (
+            state is not None and not isinstance(state[1], str)):
         raise CheckpointCorrupted(f"{label} has an unreadable description")
-    return layout, digest, payload_bytes
+    return layout, digest, payload_bytes, state
 
 
-def write_checkpoint(path: Path, parameters: Parameters, *, digest: str | None = None) -> int:
-    """Atomically write ``parameters`` to ``path``; returns the file size in bytes.
+def _parse_layout(raw: object) -> Layout:
+    if not isinstance(raw, list):
+        raise TypeError("layout is not a list")
+    return Layout.of([(str(name), tuple(int(d) for d in shape)) for name, shape in raw])
+
+
+def write_checkpoint(
+    path: Path, parameters: Parameters, *, digest: str | None = None,
+    state: Parameters | None = None,
+) -> int:
+    """Atomically write ``parameters`` (and the strategy ``state``) to ``path``; returns the
+    file size in bytes.
 
     Missing folders are created (and their parents fsynced). OS errors become ``LedgerError``.
     ``digest`` is as for ``encode_checkpoint``.
     """
-    data = encode_checkpoint(parameters, digest=digest)
+    data = encode_checkpoint(parameters, digest=digest, state=state)
     folder = path.parent
     try:
         _make_dirs_durably(folder)
@@ -148,13 +205,22 @@ def read_checkpoint(
     path: Path, *, expected_digest: str | None = None, what: str = "checkpoint"
 ) -> Parameters:
     """Read and verify a checkpoint file (``CheckpointCorrupted`` if missing or damaged)."""
+    return read_checkpoint_with_state(path, expected_digest=expected_digest, what=what)[0]
+
+
+def read_checkpoint_with_state(
+    path: Path, *, expected_digest: str | None = None, what: str = "checkpoint"
+) -> tuple[Parameters, Parameters | None]:
+    """Read and verify a checkpoint file: ``(model, strategy state or None)``."""
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
         raise CheckpointCorrupted(f"{what} {path} is missing") from exc
     except OSError as exc:
         raise LedgerError(f"cannot read {what} {path}: {exc}") from exc
-    return decode_checkpoint(data, source=str(path), expected_digest=expected_digest, what=what)
+    return decode_checkpoint_with_state(
+        data, source=str(path), expected_digest=expected_digest, what=what
+    )
 
 
 def delete_checkpoint_files(paths: list[Path]) -> None:

@@ -22,7 +22,11 @@ from conclave.core.records import (
     RunRecord,
 )
 from conclave.core.types import RoundStatus, RunStatus, TaskKind
-from conclave.ledger.checkpoint_file import decode_checkpoint, encode_checkpoint
+from conclave.ledger.checkpoint_file import (
+    decode_checkpoint,
+    decode_checkpoint_with_state,
+    encode_checkpoint,
+)
 from conclave.ledger.lifecycle import (
     SPOOLED_UPDATE,
     check_committable,
@@ -158,11 +162,12 @@ class MemoryLedger:
         *,
         finished_at: float,
         metrics: Mapping[str, float] | None = None,
+        strategy_state: Parameters | None = None,
     ) -> CheckpointRecord:
         with self._lock:
             state = self._run(run_id)
             current = check_committable(state.rounds.get((round, TaskKind.FIT)), run_id, round)
-            blob = encode_checkpoint(parameters)
+            blob = encode_checkpoint(parameters, state=strategy_state)
             digest = parameters.digest()
             checkpoint = CheckpointRecord(
                 run_id=run_id,
@@ -206,12 +211,19 @@ class MemoryLedger:
             return [found[r] for r in sorted(found)]
 
     def load_checkpoint(self, run_id: str, round: int) -> Parameters:
+        return self._load_checkpoint(run_id, round)[0]
+
+    def load_strategy_state(self, run_id: str, round: int) -> Parameters | None:
+        return self._load_checkpoint(run_id, round)[1]
+
+    def _load_checkpoint(self, run_id: str, round: int) -> tuple[Parameters, Parameters | None]:
         with self._lock:
             state = self._run(run_id)
             if round not in state.checkpoints:
                 raise LedgerError(f"run {run_id!r} has no checkpoint for round {round}")
             record, blob = state.checkpoints[round], state.blobs[round]
-        return decode_checkpoint(blob, source=record.path, expected_digest=record.digest)
+        return decode_checkpoint_with_state(blob, source=record.path,
+                                            expected_digest=record.digest)
 
     def prune_checkpoints(self, run_id: str, *, keep_last: int, keep_every: int) -> list[int]:
         with self._lock:

@@ -38,7 +38,7 @@ from conclave.core.types import (
 )
 from conclave.ledger.checkpoint_file import (
     delete_checkpoint_files,
-    read_checkpoint,
+    read_checkpoint_with_state,
     write_checkpoint,
 )
 from conclave.ledger.lifecycle import (
@@ -278,6 +278,7 @@ class SqliteLedger(SqliteTransactions):
         *,
         finished_at: float,
         metrics: Mapping[str, float] | None = None,
+        strategy_state: Parameters | None = None,
     ) -> CheckpointRecord:
         relpath = checkpoint_relpath(run_id, round)
         path = self._state_dir / relpath
@@ -289,7 +290,7 @@ class SqliteLedger(SqliteTransactions):
                 current = check_committable(
                     fetch_round(conn, run_id, round, TaskKind.FIT), run_id, round
                 )
-                nbytes = write_checkpoint(path, parameters, digest=digest)
+                nbytes = write_checkpoint(path, parameters, digest=digest, state=strategy_state)
                 written = True
                 conn.execute(
                     "UPDATE rounds SET status = ?, finished_at = ?, model_digest = ?, "
@@ -369,6 +370,12 @@ class SqliteLedger(SqliteTransactions):
             return [self._checkpoint_record(row) for row in rows]
 
     def load_checkpoint(self, run_id: str, round: int) -> Parameters:
+        return self._load_checkpoint(run_id, round)[0]
+
+    def load_strategy_state(self, run_id: str, round: int) -> Parameters | None:
+        return self._load_checkpoint(run_id, round)[1]
+
+    def _load_checkpoint(self, run_id: str, round: int) -> tuple[Parameters, Parameters | None]:
         with self._read(f"read the checkpoint of round {round} of run {run_id!r}") as conn:
             self._require_run(conn, run_id)
             row = conn.execute(
@@ -379,7 +386,7 @@ class SqliteLedger(SqliteTransactions):
             if row is None:
                 raise LedgerError(f"run {run_id!r} has no checkpoint for round {round}")
             record = self._checkpoint_record(row)
-        return read_checkpoint(Path(record.path), expected_digest=record.digest)
+        return read_checkpoint_with_state(Path(record.path), expected_digest=record.digest)
 
     def prune_checkpoints(self, run_id: str, *, keep_last: int, keep_every: int) -> list[int]:
         """Delete the rows in one transaction, then the files: a crash in between leaves

@@ -98,7 +98,8 @@ class Simulation:
             initial=initial if resume is None or resume.parameters is None else resume.parameters,
             clock=self.clock.now, on_round=on_round, detect_lost=False, spool=False,
             run_id=None if resume is None else resume.run.run_id,
-            resume=None if resume is None else resume.point)
+            resume=None if resume is None else resume.point,
+            strategy_state=None if resume is None else resume.strategy_state)
         transport: CoordinatorService = MemoryTransport(self.coordinator)
         if wrap_transport is not None:
             transport = wrap_transport(transport)

@@ -18,7 +18,7 @@ trainer = "conclave.tasks.heart_disease:make_trainer"
 
 def test_minimal_spec_has_sensible_defaults() -> None:
     spec = RunSpec.from_toml(GOOD)
-    assert spec.rounds == 3 and spec.seed == 0 and spec.strategy is StrategyName.FEDAVG
+    assert spec.rounds == 3 and spec.seed == 0 and spec.strategy.name is StrategyName.FEDAVG
     assert spec.selection.min_quorum == 1 and spec.selection.participants_per_round == 0
     assert spec.source == GOOD
 
@@ -55,6 +55,12 @@ def test_bad_run_fields(patch: str, field: str, fragment: str) -> None:
     ("extra", "field"),
     [
         ('[strategy]\nname = "fedsgd"', "strategy.name"),
+        ("[strategy]\nserver_momentum = 0.9", "strategy.server_momentum"),
+        ('[strategy]\nname = "fedavgm"\nserver_momentum = 1.0', "strategy.server_momentum"),
+        ('[strategy]\nname = "fedavgm"\nserver_momentum = -0.1', "strategy.server_momentum"),
+        ('[strategy]\nname = "fedavgm"\nserver_lr = 0', "strategy.server_lr"),
+        ('[strategy]\nname = "fedavgm"\nserver_lr = "fast"', "strategy.server_lr"),
+        ('[strategy]\nname = "fedavgm"\nnesterov = true', "strategy.nesterov"),
         ("[selection]\nmin_quorum = 5\nparticipants_per_round = 2", "selection.min_quorum"),
         ("[deadlines]\nround_timeout_s = -1", "deadlines.round_timeout_s"),
         ("[deadlines]\nround_timeout_s = nan", "deadlines.round_timeout_s"),
@@ -72,6 +78,12 @@ def test_bad_sections(extra: str, field: str) -> None:
         RunSpec.from_toml(GOOD + extra)
     assert info.value.field == field
     assert repr(info.value.value)[:20] in str(info.value)
+
+
+def test_fedavgm_strategy() -> None:
+    spec = RunSpec.from_toml(GOOD + '[strategy]\nname = "fedavgm"\nserver_lr = 0.5\n')
+    assert spec.strategy.name is StrategyName.FEDAVGM
+    assert (spec.strategy.server_lr, spec.strategy.server_momentum) == (0.5, 0.9)
 
 
 def test_missing_tables_and_bad_toml() -> None:

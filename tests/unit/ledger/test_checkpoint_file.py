@@ -16,8 +16,10 @@ from conclave.ledger.checkpoint_file import (
     FORMAT_VERSION,
     MAGIC,
     decode_checkpoint,
+    decode_checkpoint_with_state,
     encode_checkpoint,
     read_checkpoint,
+    read_checkpoint_with_state,
     write_checkpoint,
 )
 
@@ -79,3 +81,41 @@ def test_write_is_atomic_replace_and_leaves_no_temp_files(tmp_path: Path) -> Non
 def test_missing_file_is_corrupted(tmp_path: Path) -> None:
     with pytest.raises(CheckpointCorrupted, match="missing"):
         read_checkpoint(tmp_path / "gone.ckpt")
+
+
+def _model_and_velocity() -> tuple[Parameters, Parameters]:
+    model = Parameters.from_arrays({"w": np.arange(6.0).reshape(2, 3), "b": [0.5, -1.0]})
+    velocity = Parameters.from_arrays({"w": np.full((2, 3), 0.25), "b": [-2.0, 3.0]})
+    return model, velocity
+
+
+def test_strategy_state_round_trips_and_is_checked_on_its_own() -> None:
+    model, velocity = _model_and_velocity()
+    plain = encode_checkpoint(model)
+    with_state = encode_checkpoint(model, state=velocity)
+    assert struct.unpack_from("<H", plain, len(MAGIC))[0] == 1  # still readable by v1 readers
+    assert struct.unpack_from("<H", with_state, len(MAGIC))[0] == FORMAT_VERSION == 2
+    assert decode_checkpoint_with_state(plain, source="m") == (model, None)
+    back, state = decode_checkpoint_with_state(with_state, source="m",
+                                               expected_digest=model.digest())
+    assert back == model and state == velocity
+    assert decode_checkpoint(with_state, source="m") == model
+    # a flipped byte inside the state (the payload's tail) is caught, naming the state
+    damaged = with_state[:-3] + bytes([with_state[-3] ^ 0x01]) + with_state[-2:]
+    with pytest.raises(CheckpointCorrupted, match="strategy state has digest"):
+        decode_checkpoint_with_state(damaged, source="m")
+    with pytest.raises(CheckpointCorrupted, match="strategy state has digest"):
+        decode_checkpoint(damaged, source="m")  # the model alone is no excuse
+    with pytest.raises(CheckpointCorrupted, match="truncated"):
+        decode_checkpoint(with_state[:-4], source="m")
+    with pytest.raises(CheckpointCorrupted, match="corrupted"):
+        decode_checkpoint(with_state + b"\0\0\0\0", source="m")
+
+
+def test_state_written_atomically_to_a_file(tmp_path: Path) -> None:
+    model, velocity = _model_and_velocity()
+    path = tmp_path / "ck" / "round-00001.ckpt"
+    size = write_checkpoint(path, model, state=velocity)
+    assert size == path.stat().st_size
+    assert read_checkpoint_with_state(path) == (model, velocity)
+    assert read_checkpoint(path) == model

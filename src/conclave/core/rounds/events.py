@@ -187,6 +187,8 @@ class CommitRound:
     round: int
     parameters: Parameters
     metrics: Metrics
+    strategy_state: Parameters | None = None
+    """Checkpointed with the model: what the strategy carries into the next round."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

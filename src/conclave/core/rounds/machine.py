@@ -12,7 +12,8 @@ import hashlib
 import numpy as np
 
 from conclave.core.aggregation.fedavg import WeightedMean
-from conclave.core.errors import LocalProtocolError
+from conclave.core.aggregation.server_momentum import ServerMomentum
+from conclave.core.errors import AggregationError, LocalProtocolError
 from conclave.core.parameters import Parameters
 from conclave.core.rounds.events import (
     AggregateComputed,
@@ -41,7 +42,7 @@ from conclave.core.rounds.resume import ResumePoint, Resumption
 from conclave.core.rounds.secure_steps import SecureSteps
 from conclave.core.rounds.submissions import Submissions
 from conclave.core.selection.uniform import select_uniform
-from conclave.core.spec import RunSpec
+from conclave.core.spec import RunSpec, StrategyName
 from conclave.core.types import (
     ContributionStatus,
     RoundStatus,
@@ -73,9 +74,17 @@ class RunMachine(Submissions, SecureSteps, Resumption):
         initial: Parameters,
         completed_rounds: int = 0,
         resume: ResumePoint | None = None,
+        strategy_state: Parameters | None = None,
     ) -> None:
+        """``initial`` is the global model to start from (the last checkpoint when resuming);
+        ``strategy_state`` the strategy's state checkpointed with it (FedAvgM's velocity)."""
         if resume is not None:
             completed_rounds = resume.completed_rounds
+        if strategy_state is not None and strategy_state.layout != initial.layout:
+            raise AggregationError(
+                f"strategy state layout [{strategy_state.layout.describe()}] differs from the "
+                f"model's [{initial.layout.describe()}]"
+            )
         self.run_id = run_id
         self.spec = spec
         self._global = initial
@@ -100,6 +109,12 @@ class RunMachine(Submissions, SecureSteps, Resumption):
         self._awaiting_metrics = {}
         self._accepted_digests = {}
         self._substitutions = 0
+        strategy = spec.strategy
+        self._server = (
+            ServerMomentum(server_lr=strategy.server_lr, momentum=strategy.server_momentum)
+            if strategy.name is StrategyName.FEDAVGM else None
+        )
+        self._strategy_state = strategy_state if self._server is not None else None
         self._resume: ResumePoint | None = resume
         self.epoch = 0 if resume is None else resume.epoch
         """How many times this run was resumed: tasks re-issued after a restart are new."""
@@ -337,6 +352,14 @@ class RunMachine(Submissions, SecureSteps, Resumption):
         return cmds + self._begin_fit()
 
     def _commit(self, parameters: Parameters, metrics: dict[str, float]) -> list[Command]:
+        if self._server is not None:
+            parameters, state = self._server.step(self._global, parameters, self._strategy_state)
+            if not parameters.is_finite():
+                return self._fail_attempt(
+                    "the server momentum step gives a model that is not finite "
+                    "(strategy.server_lr too large?); the global model is unchanged"
+                )
+            self._strategy_state = state
         self._accepted_digests = {k: v for k, v in self._accepted_digests.items()
                                   if k[0] >= self._round}
         self._global = parameters
@@ -344,7 +367,7 @@ class RunMachine(Submissions, SecureSteps, Resumption):
         self._committed = self._round
         self._secure = None
         cmds: list[Command] = [CommitRound(round=self._round, parameters=parameters,
-                                           metrics=metrics)]
+                                           metrics=metrics, strategy_state=self._strategy_state)]
         if self._evaluation_due():
             return cmds + self._begin_evaluation()
         return cmds + self._next_round()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from conclave.core.aggregation.fedavg import WeightedMean
+from conclave.core.aggregation.server_momentum import ServerMomentum
 from conclave.core.parameters import Parameters
 from conclave.core.rounds.events import Command, Stage
 from conclave.core.rounds.secure import SecureRound
@@ -47,6 +48,8 @@ class RunState(ABC):
     _awaiting_metrics: dict[str, float]
     _accepted_digests: dict[tuple[int, str], str]
     _substitutions: int
+    _server: ServerMomentum | None
+    _strategy_state: Parameters | None
 
     # -- queries ------------------------------------------------------------------------
     @property
@@ -64,6 +67,11 @@ class RunState(ABC):
     @property
     def global_parameters(self) -> Parameters:
         return self._global
+
+    @property
+    def strategy_state(self) -> Parameters | None:
+        """The strategy's state after the last committed round (FedAvgM: its velocity)."""
+        return self._strategy_state
 
     @property
     def rounds_committed(self) -> int:
