@@ -87,9 +87,10 @@ class SecureSession:
 
     def start(self, fit: FitResult) -> StageMessage | None:
         """Encode the trained model's change and produce the ADVERTISE message."""
-        delta = fit.parameters.flat.astype(np.float64) - self.task.parameters.flat
         weight = min(max(int(fit.num_examples), 0), self.setup.max_weight)
-        self._encoded = self._codec.encode_weighted(delta, weight, self.setup.max_weight)
+        self._encoded = self._codec.encode_weighted(fit.parameters.flat, weight,
+                                                    self.setup.max_weight,
+                                                    base=self.task.parameters.flat)
         msg = StageMessage(SecAggStep.ADVERTISE, self._machine.advertise().to_bytes())
         self.next_step = SecAggStep.SHARE
         if self._crashes_before(SecAggStep.ADVERTISE):

@@ -63,3 +63,20 @@ def test_rejects_bad_input_and_config() -> None:
         FixedPointCodec(clip=1.0, bits=32, max_summands=2**31)
     with pytest.raises(ConfigError, match="count"):
         codec.decode_sum(np.zeros(1, dtype=np.uint32), 2)
+
+
+def test_weighted_encoding_of_a_change_against_a_base() -> None:
+    codec = FixedPointCodec(clip=2.0, bits=32, max_summands=10)
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(1000).astype(np.float32)
+    new = base + rng.uniform(-3, 3, 1000).astype(np.float32)
+    direct = codec.encode_weighted(new, 7.0, 10.0, base=base)
+    explicit = codec.encode_weighted(new.astype(np.float64) - base, 7.0, 10.0)
+    assert np.array_equal(direct, explicit)
+    decoded = codec.decode_sum(direct, 1)
+    expected = 0.7 * np.clip(new.astype(np.float64) - base, -2.0, 2.0)
+    assert np.abs(decoded[:-1] - expected).max() <= codec.step / 2 + 1e-12
+    assert abs(decoded[-1] - 0.7 * 2.0) <= codec.step / 2 + 1e-12
+    with pytest.raises(InvalidUpdate, match="NaN"):
+        codec.encode_weighted(np.array([np.inf], dtype=np.float32), 1.0, 1.0,
+                              base=np.zeros(1, dtype=np.float32))

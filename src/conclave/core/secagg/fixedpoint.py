@@ -121,22 +121,36 @@ class FixedPointCodec:
         decoded: Floats = arr.astype(np.float64) * self.step - count * self.clip
         return decoded
 
-    def encode_weighted(self, values: npt.ArrayLike, weight: float, max_weight: float) -> RingArray:
-        """Encode ``f * clip(values)`` followed by ``f * clip``, where ``f = weight / max_weight``."""
+    def encode_weighted(
+        self, values: npt.ArrayLike, weight: float, max_weight: float, *,
+        base: npt.ArrayLike | None = None,
+    ) -> RingArray:
+        """Encode ``f * clip(values - base)`` followed by ``f * clip``, where
+        ``f = weight / max_weight`` (``base``: subtracted first, in float64; None: zero).
+
+        One float64 buffer, worked on in place: this runs once per participant per round."""
         if not (math.isfinite(max_weight) and max_weight > 0):
             raise ConfigError("max_weight", max_weight, "a finite number > 0")
         if not (math.isfinite(weight) and 0 <= weight <= max_weight):
             raise InvalidUpdate(f"weight {weight!r} outside [0, {max_weight}]")
-        fraction = weight / max_weight
-        flat = np.asarray(values, dtype=np.float64).reshape(-1)
+        flat = np.asarray(values).reshape(-1)
         x = np.empty(flat.size + 1, dtype=np.float64)
-        x[:-1] = flat
-        if not np.isfinite(x[:-1]).all():
+        body = x[:-1]
+        if base is None:
+            body[...] = flat
+        else:
+            np.subtract(flat, np.asarray(base).reshape(-1), out=body, dtype=np.float64)
+        if not np.isfinite(body).all():
             raise InvalidUpdate("update contains NaN or Inf")
-        np.clip(x[:-1], -self.clip, self.clip, out=x[:-1])
-        x[:-1] *= fraction
-        x[-1] = fraction * self.clip
-        return self._encode_in_place(x)
+        np.clip(body, -self.clip, self.clip, out=body)
+        x[-1] = self.clip
+        # (f * v + clip) / step, as one multiply and one add
+        x *= (weight / max_weight) / self.step
+        x += self.clip / self.step
+        np.rint(x, out=x)
+        np.clip(x, 0.0, float(self.levels), out=x)
+        encoded: RingArray = x.astype(self.dtype)
+        return encoded
 
     def decode_weighted_mean(self, total: RingArray, count: int) -> Floats:
         """Weighted mean of the clipped updates from the ring sum of ``count`` weighted encodings.

@@ -52,27 +52,48 @@ class _Writer:
         return b"".join(self._parts)
 
 
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
 class _Reader:
+    """Reads fields off one message. Offsets into ``bytes`` and ``unpack_from``, no views:
+    a key bundle of n participants is read n times a round, so this is a hot path."""
+
     def __init__(self, data: bytes, tag: int, name: str) -> None:
-        self._data = memoryview(data)
+        self._data = bytes(data)
         self._pos = 0
         self._name = name
-        if bytes(self._take(len(MAGIC))) != MAGIC or self._take(1)[0] != tag:
+        if self._data[: len(MAGIC)] != MAGIC or self._data[len(MAGIC) : len(MAGIC) + 1] != bytes(
+                [tag]):
             raise RemoteProtocolError(f"not a {name} message")
+        self._pos = len(MAGIC) + 1
 
-    def _take(self, size: int) -> memoryview:
-        if size > len(self._data) - self._pos:
-            raise RemoteProtocolError(f"truncated {self._name} message")
-        chunk = self._data[self._pos : self._pos + size]
-        self._pos += size
-        return chunk
+    def _truncated(self) -> RemoteProtocolError:
+        return RemoteProtocolError(f"truncated {self._name} message")
+
+    def _u32(self) -> int:
+        pos = self._pos
+        if pos + 4 > len(self._data):
+            raise self._truncated()
+        self._pos = pos + 4
+        return int(_U32.unpack_from(self._data, pos)[0])
 
     def u64(self) -> int:
-        return int(struct.unpack("<Q", self._take(8))[0])
+        pos = self._pos
+        if pos + 8 > len(self._data):
+            raise self._truncated()
+        self._pos = pos + 8
+        return int(_U64.unpack_from(self._data, pos)[0])
 
     def raw(self) -> bytes:
-        (size,) = struct.unpack("<I", self._take(4))
-        return bytes(self._take(int(size)))
+        size = self._u32()
+        pos = self._pos
+        end = pos + size
+        if end > len(self._data):
+            raise self._truncated()
+        self._pos = end
+        return self._data[pos:end]
 
     def text(self) -> str:
         try:
@@ -81,7 +102,7 @@ class _Reader:
             raise RemoteProtocolError(f"bad UTF-8 in {self._name} message") from None
 
     def items(self, read: Callable[[], T]) -> tuple[T, ...]:
-        (size,) = struct.unpack("<I", self._take(4))
+        size = self._u32()
         if size > len(self._data) - self._pos:  # every item takes at least one byte
             raise RemoteProtocolError(f"impossible item count in {self._name} message")
         return tuple(read() for _ in range(int(size)))
