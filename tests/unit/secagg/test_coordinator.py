@@ -267,3 +267,22 @@ def test_masked_vectors_look_uniform() -> None:
     assert _chi_square_bytes(np.arange(cfg.vector_length, dtype=np.uint32)) > limit
     for vec in seen:
         assert _chi_square_bytes(vec) < limit
+
+
+def test_each_survivor_is_asked_only_about_itself_and_its_neighbours() -> None:
+    cfg = config(12, neighbours=4, threshold=3)
+    seen: dict[str, object] = {}
+
+    def spy(stage: Stage, pid: str, msg: object) -> object:
+        if stage is Stage.UNMASK and type(msg).__name__ == "UnmaskRequest":
+            seen[pid] = msg
+        return msg
+
+    gone = frozenset({"p003"})
+    out, _ = _run(cfg, spy, dropouts={Stage.MASKED_INPUT: gone})
+    assert set(seen) == set(cfg.participants) - gone
+    for pid, req in seen.items():
+        near = cfg.neighbours_of(pid)
+        assert set(req.survivors) == (near - gone) | {pid}  # type: ignore[attr-defined]
+        assert set(req.dropped) == near & gone  # type: ignore[attr-defined]
+    assert out.aggregate.survivors == frozenset(cfg.participants) - gone

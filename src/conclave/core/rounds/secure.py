@@ -150,8 +150,8 @@ class SecureRound:
                 self._advance({p: b.to_bytes() for p, b in self._machine.close_share().items()})
             elif self.step is SecAggStep.MASKED_INPUT:
                 request = self._machine.close_masked_input()
-                data = request.to_bytes()
-                self._advance({p: data for p in request.survivors})
+                self._advance({p: r.to_bytes()
+                               for p, r in self._machine.unmask_requests(request).items()})
             else:
                 return self._finish()
         except QuorumNotReached as exc:

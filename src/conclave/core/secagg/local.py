@@ -102,8 +102,8 @@ def run_local_round(
         bundle = carry(Stage.MASKED_INPUT, pid, share_bundle)
         make_masked = partial(parts[pid].masked_input, inputs[pid], bundle)
         step(Stage.MASKED_INPUT, pid, make_masked, coordinator.receive_masked_input)
-    request = coordinator.close_masked_input()
-    for pid in request.survivors:
+    requests = coordinator.unmask_requests(coordinator.close_masked_input())
+    for pid, request in requests.items():
         make_response = partial(parts[pid].unmask, carry(Stage.UNMASK, pid, request))
         step(Stage.UNMASK, pid, make_response, coordinator.receive_unmask_response)
     return LocalRoundOutcome(
