@@ -116,7 +116,7 @@ class ParticipantEndpoints(ABC):
             )
 
     def fetch_task(self, run_id: str, participant: str, wait_s: float) -> TaskAssignment:
-        deadline = time.monotonic() + max(0.0, wait_s)
+        deadline = time.monotonic() + _wait_budget(wait_s)
         with self._cond:
             self._check_member(run_id, participant)
             while True:
@@ -148,7 +148,7 @@ class ParticipantEndpoints(ABC):
 
     def fetch_stage(self, run_id: str, participant: str, round: int, step: SecAggStep,
                     wait_s: float) -> StageInput:
-        deadline = time.monotonic() + max(0.0, wait_s)
+        deadline = time.monotonic() + _wait_budget(wait_s)
         with self._cond:
             self._check_member(run_id, participant)
             while True:
@@ -204,3 +204,12 @@ def _identity_key(request: JoinRequest) -> bytes:
         raise RemoteProtocolError(
             f"capability {IDENTITY_CAPABILITY} must be a 32-byte Ed25519 public key in hex")
     return key
+
+
+MAX_WAIT_S = 60.0
+"""The longest a long poll waits in the service, whatever its caller asked."""
+
+
+def _wait_budget(wait_s: float) -> float:
+    """``wait_s`` made safe: NaN or negative is no wait, and no wait exceeds MAX_WAIT_S."""
+    return min(wait_s, MAX_WAIT_S) if wait_s > 0 else 0.0

@@ -12,6 +12,9 @@ an upload the participant abandons never reaches it.
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn, TypeVar
@@ -33,6 +36,13 @@ from conclave.transport.grpc.status import ERROR_CLASS_KEY, INTERNAL_DETAILS, st
 _log = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
+
+MAX_LONG_POLL_S = 30.0
+"""A long poll (FetchTask, FetchStage) waits at most this long, whatever the caller asked."""
+_POLL_SLICE_S = 1.0
+"""A long poll checks this often whether its caller is still there."""
+_SHORT_CALL_WORKERS = 16
+"""Worker threads long polls may never take: Join, Heartbeat and uploads always find one."""
 
 
 def _server_options(chunk_bytes: int) -> list[tuple[str, int]]:
@@ -97,11 +107,37 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         max_model_bytes: int,
         max_stage_bytes: int,
         chunk_bytes: int,
+        long_poll_slots: int,
     ) -> None:
         self._service = service
         self._max_model_bytes = max_model_bytes
         self._max_stage_bytes = max_stage_bytes
         self._chunk_bytes = chunk_bytes
+        self._poll_slots = threading.BoundedSemaphore(long_poll_slots)
+        self._slot_count = long_poll_slots
+
+    def _long_poll(self, context: grpc.ServicerContext, wait_s: float,
+                   poll: Callable[[float], _R], ready: Callable[[_R], bool]) -> _R:
+        """Wait up to ``wait_s`` (capped at MAX_LONG_POLL_S) for ``ready(poll(...))``, in
+        slices, giving up as soon as the caller cancels or disconnects. Long polls hold a
+        worker thread each, so only so many may wait at once; one more is refused as busy
+        (RESOURCE_EXHAUSTED: the participant backs off and retries), never queued in front
+        of heartbeats."""
+        if not self._poll_slots.acquire(blocking=False):
+            raise TransportError(
+                f"coordinator busy: {self._slot_count} calls are already waiting; retry later"
+            )
+        try:
+            budget = min(wait_s, MAX_LONG_POLL_S) if math.isfinite(wait_s) and wait_s > 0 else 0.0
+            end = time.monotonic() + budget
+            remaining = budget
+            while True:
+                result = poll(min(_POLL_SLICE_S, remaining))
+                remaining = end - time.monotonic()
+                if ready(result) or remaining <= 0 or not context.is_active():
+                    return result
+        finally:
+            self._poll_slots.release()
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         def call() -> pb.JoinReply:
@@ -128,7 +164,11 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         def call() -> Iterator[pb.TaskMessage]:
             _check(request.protocol_version)
             fetch = serde.fetch_request_from_proto(request)
-            assignment = self._service.fetch_task(fetch.run_id, fetch.participant, fetch.wait_s)
+            assignment = self._long_poll(
+                context, fetch.wait_s,
+                lambda wait: self._service.fetch_task(fetch.run_id, fetch.participant, wait),
+                lambda got: got.task is not None or got.run_finished,
+            )
             return serde.task_messages(assignment, self._chunk_bytes)
 
         # The header is built (and checked) inside call(); chunks are plain copies.
@@ -164,8 +204,11 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         def call() -> Iterator[pb.StageMessage]:
             _check(request.protocol_version)
             fetch = stage_serde.fetch_stage_request_from_proto(request)
-            stage = self._service.fetch_stage(
-                fetch.run_id, fetch.participant, fetch.round, fetch.step, fetch.wait_s
+            stage = self._long_poll(
+                context, fetch.wait_s,
+                lambda wait: self._service.fetch_stage(
+                    fetch.run_id, fetch.participant, fetch.round, fetch.step, wait),
+                lambda got: got.payload is not None or got.aborted,
             )
             return stage_serde.stage_messages(stage, self._chunk_bytes)
 
@@ -206,20 +249,22 @@ class GrpcServer:
         max_model_bytes: int = 2**31,
         max_stage_bytes: int | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        max_workers: int = 32,
+        max_workers: int = 128,
     ) -> None:
         if max_stage_bytes is None:
             max_stage_bytes = default_stage_limit(max_model_bytes)
-        if chunk_bytes <= 0 or max_workers <= 0 or min(max_model_bytes, max_stage_bytes) < 0:
+        if (chunk_bytes <= 0 or max_workers <= _SHORT_CALL_WORKERS
+                or min(max_model_bytes, max_stage_bytes) < 0):
             raise ValueError(
-                "chunk_bytes and max_workers must be positive, max_model_bytes and "
-                "max_stage_bytes >= 0"
+                f"chunk_bytes must be positive, max_workers above {_SHORT_CALL_WORKERS}, "
+                "max_model_bytes and max_stage_bytes >= 0"
             )
         self._servicer = _Servicer(
             service,
             max_model_bytes=max_model_bytes,
             max_stage_bytes=max_stage_bytes,
             chunk_bytes=chunk_bytes,
+            long_poll_slots=max_workers - _SHORT_CALL_WORKERS,
         )
         self._requested = address
         self._chunk_bytes = chunk_bytes

@@ -31,6 +31,7 @@ _TO_STATUS: tuple[tuple[type[ConclaveError], grpc.StatusCode], ...] = (
     (InvalidUpdate, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (RemoteProtocolError, grpc.StatusCode.FAILED_PRECONDITION),
+    (TransportError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # busy: the caller backs off
 )
 
 # Client side: error classes rebuilt exactly from the metadata (they take one message).

@@ -1,0 +1,80 @@
+"""Long polls cannot wedge the coordinator: they are capped, end when their caller goes away,
+and only so many may wait at once, so heartbeats and uploads always find a worker thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import FakeService
+
+from conclave.core.errors import TransportError
+from conclave.core.types import TaskAssignment
+from conclave.transport.grpc import GrpcCoordinatorClient, GrpcServer
+from conclave.transport.grpc import conclave_pb2 as pb
+from conclave.transport.grpc import conclave_pb2_grpc as pb_grpc
+from conclave.transport.grpc.serde import fetch_request_to_proto
+
+
+class WaitingService(FakeService):
+    """fetch_task waits as the real service does, up to wait_s; ``release`` ends the run."""
+
+    def fetch_task(self, run_id: str, participant: str, wait_s: float) -> TaskAssignment:
+        self._record("fetch_task", (run_id, participant, wait_s))
+        return TaskAssignment(task=None, run_finished=self.release.wait(wait_s))
+
+
+@pytest.fixture
+def one_slot() -> tuple[WaitingService, GrpcServer]:
+    service = WaitingService()
+    server = GrpcServer(service, max_workers=17)  # 16 reserved for short calls: 1 long poll
+    server.start()
+    yield service, server
+    service.release.set()
+    server.stop(grace_s=0)
+
+
+def _fetches(service: FakeService) -> int:
+    return service.names().count("fetch_task")
+
+
+def test_a_long_poll_whose_caller_went_away_ends(one_slot) -> None:
+    service, server = one_slot
+    import grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        request = fetch_request_to_proto("run-7", "p0", 1e9, 1)  # asks to wait "forever"
+        with pytest.raises(grpc.RpcError):
+            list(stub.FetchTask(request, timeout=0.3))  # ...but gives up after 0.3 s
+    time.sleep(1.5)  # the server notices within one slice
+    settled = _fetches(service)
+    time.sleep(1.5)
+    assert _fetches(service) == settled, "the abandoned long poll is still polling"
+    # its slot is free again: the next long poll is served, not refused as busy
+    with GrpcCoordinatorClient(server.address, timeout_s=5.0) as client:
+        assert client.fetch_task("run-7", "p0", 0.1) == TaskAssignment(task=None)
+        service.release.set()
+        assert client.fetch_task("run-7", "p0", 0.1).run_finished
+
+
+def test_a_long_poll_over_the_limit_is_refused_as_busy_and_heartbeats_still_answer(
+        one_slot) -> None:
+    service, server = one_slot
+    with GrpcCoordinatorClient(server.address, timeout_s=5.0) as first, \
+            GrpcCoordinatorClient(server.address, timeout_s=5.0) as second:
+        waiting = threading.Thread(target=first.fetch_task, args=("run-7", "p0", 20.0))
+        waiting.start()
+        end = time.monotonic() + 5
+        while _fetches(service) == 0:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED.*busy"):
+            second.fetch_task("run-7", "p1", 20.0)
+        second.heartbeat("run-7", "p1", {})
+        assert time.monotonic() - started < 2.0
+        service.release.set()
+        waiting.join(timeout=10)
+        assert not waiting.is_alive()
