@@ -14,7 +14,9 @@ round always has its checkpoint. One connection serves all threads, guarded by a
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
@@ -70,6 +72,7 @@ from conclave.ledger.transactions import (
 )
 
 DB_NAME = "ledger.sqlite"
+LOCK_NAME = "ledger.lock"
 _BUSY_TIMEOUT_S = 10.0
 
 
@@ -91,6 +94,7 @@ class SqliteLedger(SqliteTransactions):
         self._tx_depth = 0
         self._known_runs = set()
         self._conn = None
+        self._lock_fd: int | None = None
         self._spool = SpoolFolder(self._state_dir)
         # A version-1 database opened read-only cannot be migrated: read attempt as 1.
         self._round_columns = ROUND_COLUMNS
@@ -103,6 +107,7 @@ class SqliteLedger(SqliteTransactions):
                     self._round_columns = ROUND_COLUMNS_V1
             else:
                 self._state_dir.mkdir(parents=True, exist_ok=True)
+                self._lock_fd = _lock_state_dir(self._state_dir)
                 self._conn = connect_read_write(self._db_path, _BUSY_TIMEOUT_S,
                                                 power_loss_safe=power_loss_safe)
         except sqlite3.Error as exc:
@@ -111,6 +116,12 @@ class SqliteLedger(SqliteTransactions):
         except BaseException:
             self.close()
             raise
+
+    def close(self) -> None:
+        super().close()
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the state directory's lock
 
     @classmethod
     def open_read_only(cls, state_dir: Path) -> SqliteLedger:
@@ -436,3 +447,27 @@ class SqliteLedger(SqliteTransactions):
             path=str(self._state_dir / row[3]),
             nbytes=row[4],
         )
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """Take the state directory for this process alone (an exclusive ``flock`` on
+    ``ledger.lock``, holding the owner's pid), so two coordinators can never write one ledger.
+    The operating system releases it when the process ends, however it ends (SIGKILL too)."""
+    path = state_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LedgerError(f"cannot open {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise LedgerError(
+            f"state directory {state_dir} is in use by another process (pid {owner}); two "
+            "coordinators must not share one ledger: stop the other one first, or use "
+            "another --state-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd

@@ -237,3 +237,28 @@ def test_failed_commit_leaves_round_running_and_no_file(
     assert not (ledger.state_dir / "checkpoints" / RUN / "round-00002.ckpt").exists()
     ledger.commit_round(RUN, 2, params(5.0), finished_at=7.0)
     assert ledger.load_checkpoint(RUN, 2) == params(5.0)
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_state_dir(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    with SqliteLedger(tmp_path) as first:
+        fill(first)
+        with pytest.raises(LedgerError, match=rf"in use by another process \(pid {os.getpid()}\)"):
+            SqliteLedger(tmp_path)
+        # another process is refused too, and readers are not
+        probe = subprocess.run(
+            [sys.executable, "-c",
+             "import sys\nfrom pathlib import Path\n"
+             "from conclave.ledger.sqlite import SqliteLedger\n"
+             "from conclave.core.errors import LedgerError\n"
+             "try:\n    SqliteLedger(Path(sys.argv[1]))\nexcept LedgerError as e:\n"
+             "    print(e); sys.exit(3)\n", str(tmp_path)],
+            capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 3 and "in use by another process" in probe.stdout
+        with SqliteLedger.open_read_only(tmp_path) as reader:
+            assert reader.get_run(RUN).run_id == RUN
+    with SqliteLedger(tmp_path) as again:  # released on close
+        assert again.get_run(RUN).run_id == RUN

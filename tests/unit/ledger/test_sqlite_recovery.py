@@ -91,7 +91,7 @@ def test_odd_participant_names_stay_inside_the_round_folder(
     assert list(ledger.spooled_participants(RUN, 1)) == [name]
     assert ledger.load_spooled(RUN, 1, name) == params(5.0)
     written = [p for p in ledger.state_dir.parent.rglob("*") if p.is_file()]
-    assert [p for p in written if not p.name.startswith("ledger.sqlite")] == [only]
+    assert [p for p in written if not p.name.startswith("ledger.")] == [only]
 
 
 def test_stray_files_in_a_spool_folder_are_not_participants(ledger: SqliteLedger) -> None:
