@@ -151,3 +151,52 @@ def test_a_demo_killed_outright_leaves_no_participant_behind(tmp_path: Path) -> 
     for pid in leftover:
         os.kill(pid, signal.SIGKILL)
     assert leftover == []
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["coordinator", "--spec", "heart-disease", "--state-dir", ""], "must name a folder"),
+        (["simulate", "heart-disease", "--state-dir", " "], "must name a folder"),
+        (["coordinator", "--spec", "heart-disease", "--state-dir", "s",
+          "--address", "127.0.0.1:99999"], "port from 0 to 65535"),
+        (["coordinator", "--spec", "heart-disease", "--state-dir", "s",
+          "--address", "127.0.0.1"], "HOST:PORT"),
+        (["participant", "--coordinator", "127.0.0.1:0", "--name", "p"], "port from 1 to 65535"),
+        (["participant", "--coordinator", "127.0.0.1:7", "--name", "p",
+          "--connect-timeout", "nan"], "finite number of seconds"),
+        (["participant", "--coordinator", "127.0.0.1:7", "--name", "p",
+          "--connect-timeout", "-1"], "finite number of seconds"),
+        (["demo", "--trainer", "garbage", "--state-dir", "d"], "invalid task.trainer"),
+    ],
+)
+def test_bad_arguments_are_exit_2_before_anything_starts(tmp_path: Path, args: list[str],
+                                                         fragment: str) -> None:
+    done = conclave(*args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert fragment in done.stderr
+    no_traceback(done)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
+
+
+def test_a_spec_that_is_not_utf8_is_a_spec_error(tmp_path: Path) -> None:
+    spec = tmp_path / "binary.toml"
+    spec.write_bytes(b"\xff\xfe\x00bin")
+    done = conclave("simulate", str(spec))
+    assert done.returncode == 2 and "a UTF-8 TOML file" in done.stderr
+    no_traceback(done)
+
+
+def test_a_coordinator_that_cannot_listen_leaves_no_running_run(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = conclave("coordinator", "--spec", "heart-disease", "--state-dir",
+                        str(tmp_path / "s"), "--address", f"127.0.0.1:{port}")
+    assert done.returncode == 1 and "cannot listen" in done.stderr
+    no_traceback(done)
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "could not start" in summary["reason"]

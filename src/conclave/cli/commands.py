@@ -100,7 +100,15 @@ def coordinator(args: argparse.Namespace) -> int:
     coord = _make_coordinator(spec, ledger, progress, resume=not args.new_run,
                               fault=_coordinator_crash_hook(args.crash_at))
     server = GrpcServer(coord, args.address, max_model_bytes=spec.federation.max_model_bytes)
-    address = server.start()
+    try:
+        address = server.start()
+    except TransportError as exc:
+        # the run exists in the ledger now: record why it did not start (the same command,
+        # with an address that works, resumes it)
+        coord.interrupt(f"the coordinator could not start: {exc}")
+        write_summary(args.state_dir, coord.summary())
+        ledger.close()
+        raise
     print(f"coordinator listening on {address} (run {coord.run_id})", flush=True)
     stop = _stop_on_signals()
     try:
@@ -255,6 +263,7 @@ def demo(args: argparse.Namespace) -> int:
     spec = read_spec("heart-disease").with_overrides(rounds=args.rounds,
                                                       secure_aggregation=args.secure_aggregation)
     trainer = args.trainer or spec.task.trainer
+    load_trainer_factory(trainer)  # a bad --trainer fails here, not in four participant logs
     state_dir: Path = args.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     logs = state_dir / "logs"

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -30,7 +30,38 @@ def read_spec(source: str) -> RunSpec:
     except OSError as exc:
         raise ConfigError("spec", source, f"a readable TOML file or one of "
                           f"{', '.join(BUILTIN_SPECS)} ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("spec", source, f"a UTF-8 TOML file (byte {exc.start} is not "
+                          "UTF-8)") from None
     return RunSpec.from_toml(text)
+
+
+# -- argument types: a bad value is exit 2 with argparse's usage line -----------------------
+def _state_dir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder (got an empty path)")
+    return Path(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: a finite number of seconds > 0")
+    return value
+
+
+def _address(lowest_port: int) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not lowest_port <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: HOST:PORT with a port from {lowest_port} to 65535")
+        return text
+
+    return parse
 
 
 def write_summary(state_dir: Path, summary: dict[str, object]) -> Path:
@@ -51,6 +82,23 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+class _OneLineWarning(logging.Filter):
+    """gRPC logs a full traceback when a peer sends bytes that are not a valid message (a
+    scanner, a broken client). The coordinator answers such calls with an error and goes on:
+    one warning line, not a traceback, for each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {error})"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conclave", description="Federated learning: coordinator, participants, simulation.")
@@ -59,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="a coordinator and 4 hospital processes on loopback")
-    demo.add_argument("--state-dir", type=Path, default=Path("conclave-demo"))
-    demo.add_argument("--rounds", type=int, default=None)
+    demo.add_argument("--state-dir", type=_state_dir, default=Path("conclave-demo"),
+                      help="ledger, checkpoints, logs and summary.json (default: conclave-demo)")
+    demo.add_argument("--rounds", type=int, default=None,
+                      help="number of rounds (default: the spec's, 15)")
     demo.add_argument("--trainer", default=None,
                       help="trainer factory module:attribute (default: the spec's)")
     demo.add_argument("--secure-aggregation", action="store_true",
@@ -68,18 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run a spec with virtual participants in one process")
     sim.add_argument("spec", help="run spec TOML file, or 'heart-disease'")
-    sim.add_argument("--state-dir", type=Path, default=None,
+    sim.add_argument("--state-dir", type=_state_dir, default=None,
                      help="keep the ledger and checkpoints here (default: in memory)")
-    sim.add_argument("--rounds", type=int, default=None)
+    sim.add_argument("--rounds", type=int, default=None,
+                     help="number of rounds (default: the spec's)")
     sim.add_argument("--secure-aggregation", action="store_true",
                      help="turn on [secure_aggregation] with its defaults")
 
     coord = sub.add_parser("coordinator", help="serve one run over gRPC")
     coord.add_argument("--spec", required=True, help="run spec TOML file, or 'heart-disease'")
-    coord.add_argument("--state-dir", type=Path, required=True)
-    coord.add_argument("--address", default="127.0.0.1:0",
+    coord.add_argument("--state-dir", type=_state_dir, required=True,
+                       help="the ledger, checkpoints and summary.json live here")
+    coord.add_argument("--address", default="127.0.0.1:0", type=_address(0),
                        help="HOST:PORT to bind (port 0 picks a free one); default 127.0.0.1:0")
-    coord.add_argument("--rounds", type=int, default=None)
+    coord.add_argument("--rounds", type=int, default=None,
+                       help="number of rounds (default: the spec's)")
     coord.add_argument("--new-run", action="store_true",
                        help="start a new run even if the state dir holds an unfinished run of "
                             "this spec (by default that run is resumed)")
@@ -88,13 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "(selection, upload, aggregation, commit, unmask) of ROUND")
 
     part = sub.add_parser("participant", help="join a coordinator and train on local data")
-    part.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    part.add_argument("--coordinator", required=True, type=_address(1),
+                      help="HOST:PORT of the coordinator")
     part.add_argument("--name", required=True, help="this participant's name, e.g. hospital-0")
     part.add_argument("--trainer", default="conclave.tasks.heart_disease:make_trainer",
                       help="trainer factory module:attribute")
     part.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                       help="passed to the trainer factory (data paths and the like)")
-    part.add_argument("--connect-timeout", type=float, default=60.0,
+    part.add_argument("--connect-timeout", type=_seconds, default=60.0,
                       help="seconds to keep retrying the first connection")
     part.add_argument("--crash-at", default=None, metavar="STEP:ROUND",
                       help="fault injection for tests: kill itself with SIGKILL (no goodbye, "
@@ -105,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     ledger = sub.add_parser("ledger", help="read a state directory's ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
     show = ledger_sub.add_parser("show", help="rounds and contributions as tables")
-    show.add_argument("state_dir", type=Path)
-    show.add_argument("--json", action="store_true")
+    show.add_argument("state_dir", type=_state_dir, help="a coordinator's --state-dir")
+    show.add_argument("--json", action="store_true", help="everything, as JSON")
     show.add_argument("--run", default=None, help="run id (default: the latest)")
     show.add_argument("--participant", default=None, help="one participant's whole history")
     return parser
@@ -118,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("grpc._common").addFilter(_OneLineWarning())
     for name in ("rounds",):
         value = getattr(args, name, None)
         if value is not None and value < 1:

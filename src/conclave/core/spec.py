@@ -129,8 +129,12 @@ class CheckpointSpec:
 class SimulationSpec:
     participants: int = 4
     name_format: str = "participant-{i}"
+    listed: tuple[str, ...] = ()
+    """Without a ``name_format``, the names in ``federation.participants`` (when it has any)."""
 
     def names(self) -> tuple[str, ...]:
+        if self.listed:
+            return self.listed[: self.participants]
         return tuple(self.name_format.format(i=i) for i in range(self.participants))
 
 
@@ -331,17 +335,11 @@ def _build(root: _Table, source: str) -> RunSpec:
         raise ConfigError("selection.min_participants", min_participants,
                           f"at most the {len(names)} names in federation.participants")
 
-    sim = root.table("simulation")
-    simulation = SimulationSpec(
-        participants=sim.int("participants", max(len(names), min_participants, 1), minimum=1),
-        name_format=sim.text("name_format", "participant-{i}", allowed="a format string with {i}"),
-    )
-    sim.check_unknown()
-    if "{i}" not in simulation.name_format:
-        raise ConfigError("simulation.name_format", simulation.name_format, "a string containing {i}")
-    if simulation.participants < min_participants:
-        raise ConfigError("simulation.participants", simulation.participants,
-                          f"at least selection.min_participants ({min_participants})")
+    if min_quorum > min_participants:
+        raise ConfigError("selection.min_quorum", min_quorum,
+                          f"at most selection.min_participants ({min_participants}): a round "
+                          "may start with only that many participants")
+    simulation = _simulation(root.table("simulation"), tuple(names), min_participants)
     faults = root.raw("faults", {})
     if not isinstance(faults, Mapping):
         raise ConfigError("faults", faults, "a table")
@@ -363,6 +361,31 @@ def _build(root: _Table, source: str) -> RunSpec:
         secure_aggregation=secure,
         source=source,
     )
+
+
+def _simulation(sim: _Table, names: tuple[str, ...], min_participants: int) -> SimulationSpec:
+    listed = names if names and "name_format" not in sim.data else ()
+    simulation = SimulationSpec(
+        participants=sim.int("participants", max(len(names), min_participants, 1), minimum=1),
+        name_format=sim.text("name_format", "participant-{i}", allowed="a format string with {i}"),
+        listed=listed,
+    )
+    sim.check_unknown()
+    if "{i}" not in simulation.name_format:
+        raise ConfigError("simulation.name_format", simulation.name_format,
+                          "a string containing {i}")
+    if simulation.participants < min_participants:
+        raise ConfigError("simulation.participants", simulation.participants,
+                          f"at least selection.min_participants ({min_participants})")
+    if listed and simulation.participants > len(listed):
+        raise ConfigError("simulation.participants", simulation.participants,
+                          f"at most the {len(listed)} names in federation.participants "
+                          "(or set simulation.name_format)")
+    unknown = sorted(set(simulation.names()) - set(names)) if names else []
+    if unknown:
+        raise ConfigError("simulation.name_format", simulation.name_format,
+                          f"names listed in federation.participants (it makes {unknown[0]!r})")
+    return simulation
 
 
 def _strategy(strat: _Table) -> StrategySpec:

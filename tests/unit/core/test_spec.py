@@ -70,6 +70,11 @@ def test_bad_run_fields(patch: str, field: str, fragment: str) -> None:
         ("[task.config]\nlr = [1, 2]", "task.config.lr"),
         ('[simulation]\nname_format = "p"', "simulation.name_format"),
         ("[evaluation]\nevery_rounds = -2", "evaluation.every_rounds"),
+        ("[selection]\nmin_participants = 2\nmin_quorum = 3", "selection.min_quorum"),
+        ('[federation]\nparticipants = ["a", "b"]\n[simulation]\nparticipants = 3',
+         "simulation.participants"),
+        ('[federation]\nparticipants = ["a", "b"]\n[simulation]\nname_format = "p{i}"',
+         "simulation.name_format"),
         ("[bogus]\nx = 1", "bogus"),
     ],
 )
@@ -78,6 +83,14 @@ def test_bad_sections(extra: str, field: str) -> None:
         RunSpec.from_toml(GOOD + extra)
     assert info.value.field == field
     assert repr(info.value.value)[:20] in str(info.value)
+
+
+def test_simulation_names_default_to_the_listed_participants() -> None:
+    spec = RunSpec.from_toml(GOOD + '[federation]\nparticipants = ["x", "y", "z"]\n')
+    assert spec.simulation.names() == ("x", "y", "z")
+    spec = RunSpec.from_toml(GOOD + '[federation]\nparticipants = ["x", "y", "z"]\n'
+                             "[simulation]\nparticipants = 2\n")
+    assert spec.simulation.names() == ("x", "y")
 
 
 def test_fedavgm_strategy() -> None:
