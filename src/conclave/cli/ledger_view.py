@@ -175,9 +175,22 @@ def _metrics_text(metrics: Mapping[str, float], limit: int = 3) -> str:
     return shown or "-"
 
 
+_MAX_CELL = 200
+
+
+def _cell(text: str) -> str:
+    """A table cell as a terminal shows it safely: control characters escaped (a name or
+    reason from a hostile peer cannot move the cursor or recolour the screen), and cut short."""
+    if text.isprintable() and len(text) <= _MAX_CELL:
+        return text
+    safe = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return safe if len(safe) <= _MAX_CELL else f"{safe[:_MAX_CELL]}... ({len(safe)} characters)"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
     if not rows:
         return ["  (none)"]
+    rows = [[_cell(str(cell)) for cell in row] for row in rows]
     widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:

@@ -25,7 +25,7 @@ from conclave.core.rounds.events import (
 )
 from conclave.core.rounds.machine import RunMachine
 from conclave.core.secagg.setup import IDENTITY_CAPABILITY
-from conclave.core.spec import RunSpec
+from conclave.core.spec import NAME_RULE, RunSpec, is_valid_name
 from conclave.core.types import (
     PROTOCOL_VERSION,
     Evaluation,
@@ -40,6 +40,11 @@ from conclave.core.types import (
     Update,
     Verdict,
 )
+
+_MAX_RECORDED_REJECTIONS = 1000
+"""Refused joins of distinct unknown names recorded in the ledger; later ones are only
+logged, so a flood of made-up names cannot grow the ledger without bound."""
+_MAX_CAPABILITIES_CHARS = 2000
 
 _OVER = frozenset({RunStatus.FINISHED, RunStatus.FAILED})
 """Run states that participants are told about: the run is over and they may exit."""
@@ -58,6 +63,7 @@ class ParticipantEndpoints(ABC):
     _ever_joined: set[str]
     _told_finished: set[str]
     _lost: set[str]
+    _rejected: set[str]
 
     @abstractmethod
     def _apply(self, event: Event) -> list[Command]:
@@ -79,16 +85,24 @@ class ParticipantEndpoints(ABC):
                 f"this coordinator speaks version {PROTOCOL_VERSION}"
             )
         name = request.participant
+        if not is_valid_name(name):
+            shown = name if len(name) <= 40 else f"{name[:40]}... ({len(name)} characters)"
+            raise RemoteProtocolError(f"invalid participant name {shown!r}: {NAME_RULE}")
         identity = _identity_key(request)
         allowed = self.spec.federation.participants
         with self._cond:
             if allowed and name not in allowed:
-                self._event(name, ParticipantState.REJECTED, "not enrolled in this federation")
+                if (name not in self._rejected
+                        and len(self._rejected) < _MAX_RECORDED_REJECTIONS):
+                    self._rejected.add(name)
+                    self._event(name, ParticipantState.REJECTED, "not enrolled in this federation")
                 raise RemoteProtocolError(
-                    f"unknown participant {name!r}: this federation admits {', '.join(allowed)}"
+                    f"unknown participant {name!r}: not enrolled in this federation"
                 )
             state = ParticipantState.REJOINED if name in self._ever_joined else ParticipantState.JOINED
             caps = ", ".join(f"{k}={v}" for k, v in sorted(request.capabilities.items()))
+            if len(caps) > _MAX_CAPABILITIES_CHARS:
+                caps = f"{caps[:_MAX_CAPABILITIES_CHARS]}... ({len(caps)} characters)"
             self._event(name, state, caps)
             self._ever_joined.add(name)
             self._lost.discard(name)

@@ -108,6 +108,7 @@ class Coordinator(ParticipantEndpoints):
         self._ever_joined = set()
         self._told_finished = set()
         self._lost = set()
+        self._rejected = set()
         self._started = False
         self._status = RunStatus.RUNNING
         self._reason = ""

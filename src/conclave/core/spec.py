@@ -20,6 +20,12 @@ from conclave.core.types import Scalar
 
 _TRAINER_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+NAME_RULE = "letters, digits, '-', '_', '.' (1-128, starting with a letter or digit)"
+
+
+def is_valid_name(name: str) -> bool:
+    """A run or participant name: what the ledger, logs and tables can show as it is."""
+    return bool(_NAME.match(name))
 
 E = TypeVar("E", bound=enum.Enum)
 MAX_ROUNDS = 1_000_000

@@ -216,3 +216,12 @@ def test_sqlite_read_only_renders_like_memory(ledger: MemoryLedger, tmp_path: Pa
         doc = json.loads(render_ledger(reader, as_json=True))
     assert doc["checkpoints"][0]["path"].endswith("round-00001.ckpt")
     assert len(doc["contributions"]) == 4
+
+
+def test_cells_escape_control_characters_and_are_cut_short() -> None:
+    from conclave.cli.ledger_view import _cell
+
+    assert _cell("hospital-1") == "hospital-1"
+    assert _cell("a\n\x1b[31mred") == "a\\n\\x1b[31mred"
+    long = _cell("x" * 5000)
+    assert long.startswith("x" * 200) and long.endswith("(5000 characters)") and len(long) < 260
