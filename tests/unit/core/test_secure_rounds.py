@@ -245,3 +245,24 @@ def test_replayed_and_impersonated_stage_messages_are_rejected() -> None:
     assert replies and not any(v.accepted for v in replies)
     assert "duplicate" in replies[0].reason
     assert sim.coordinator.summary()["rounds_committed"] == 1
+
+
+def test_a_participant_lost_mid_protocol_does_not_hold_the_step_until_its_deadline() -> None:
+    """p2 crashes (the coordinator marks it lost) just before its masked input: the step
+    closes as soon as the others answered, long before stage_timeout_s on the simulated
+    clock, and the sum is still the survivors' exact sum."""
+    s = spec(extra="stage_timeout_s = 500\n[[faults.crash]]\nparticipant = \"p2\"\nround = 1\n"
+                   "step = \"masked_input\"\n")
+    sim, ledger = run(s)
+    run_id = sim.coordinator.run_id
+    np.testing.assert_allclose(ledger.load_checkpoint(run_id, 1).flat,
+                               expected_round1(s, [n for n in NAMES if n != "p2"]),
+                               rtol=0, atol=1e-6)
+    fit1 = next(r for r in ledger.rounds(run_id) if r.round == 1 and r.kind is TaskKind.FIT)
+    assert fit1.finished_at is not None and fit1.finished_at - fit1.started_at < 500
+    victim = fit_contributions(ledger, run_id)["p2"]
+    assert victim.status is ContributionStatus.DROPPED  # type: ignore[attr-defined]
+    assert "participant lost" in victim.reason  # type: ignore[attr-defined]
+    assert "masked_input" in victim.reason  # type: ignore[attr-defined]
+    events = [e.detail for e in ledger.participant_events(run_id, "p2")]
+    assert "secure aggregation round 1: nothing at masked_input" in events

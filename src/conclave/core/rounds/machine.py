@@ -193,7 +193,13 @@ class RunMachine(Submissions, SecureSteps, Resumption):
     def _lost(self, participant: str, reason: str) -> list[Command]:
         self._available.discard(participant)
         if self._secure is not None:
-            return []  # the secure round's step deadlines account for it
+            # stop waiting for it: the step closes as soon as the others answered, instead
+            # of at its deadline; the protocol recovers its masks as for any dropout
+            if (self._stage is Stage.TRAINING
+                    and self._secure.forget(participant, f"participant lost: {reason}")
+                    and not self._secure.pending):
+                return self._close_secure_step()
+            return []
         if (
             self._stage in (Stage.TRAINING, Stage.EVALUATING)
             and participant in self._selected

@@ -75,6 +75,7 @@ class SecureRound:
         self.step = SecAggStep.ADVERTISE
         self._expected: set[str] = set(selected)
         self._answered: set[str] = set()
+        self._forgotten: set[str] = set()
         self._outputs: dict[SecAggStep, Mapping[str, bytes]] = {}
         self._dropped_at: dict[str, str] = {}
         self.failed = ""
@@ -83,6 +84,11 @@ class SecureRound:
     @property
     def pending(self) -> frozenset[str]:
         return frozenset(self._expected - self._answered)
+
+    @property
+    def missing(self) -> frozenset[str]:
+        """Who sent nothing at this step: still awaited, or lost while awaited."""
+        return self.pending | self._forgotten
 
     @property
     def completions(self) -> Mapping[Stage, frozenset[str]]:
@@ -112,6 +118,16 @@ class SecureRound:
         return StageInput(payload=payload)
 
     # -- submissions --------------------------------------------------------------------
+    def forget(self, participant: str, reason: str) -> bool:
+        """``participant`` is gone (lost): stop waiting for its message at this step; it is
+        dropped from the round like one that missed the deadline. True if it was awaited."""
+        if self.failed or participant not in self.pending:
+            return False
+        self._answered.add(participant)
+        self._forgotten.add(participant)
+        self._dropped_at[participant] = f"{reason} (before {self.step.value})"
+        return True
+
     def submit(self, participant: str, step: SecAggStep, payload: bytes) -> str:
         """Take one stage message; '' if accepted, else the reason it was rejected."""
         if self.failed:
@@ -165,6 +181,7 @@ class SecureRound:
         self.step = _ORDER[_ORDER.index(self.step) + 1]
         self._expected = set(outputs)
         self._answered = set()
+        self._forgotten = set()
 
     def _finish(self) -> SecureOutcome:
         result = self._machine.finish()

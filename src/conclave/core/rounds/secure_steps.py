@@ -84,7 +84,7 @@ class SecureSteps(RunState):
         cmds: list[Command] = []
         while True:
             step = secure.step
-            missing = tuple(sorted(secure.pending))
+            missing = tuple(sorted(secure.missing))
             outcome = secure.close()
             completions = secure.completions
             done = tuple(sorted(p for p in completions.get(_STAGE_OF[step], frozenset())))
