@@ -21,6 +21,7 @@ from conclave.core.rounds.events import (
     ParticipantJoined,
     Reply,
     StageReceived,
+    TaskDeclined,
     UpdateReceived,
 )
 from conclave.core.rounds.machine import RunMachine
@@ -28,6 +29,7 @@ from conclave.core.secagg.setup import IDENTITY_CAPABILITY
 from conclave.core.spec import NAME_RULE, RunSpec, is_valid_name
 from conclave.core.types import (
     PROTOCOL_VERSION,
+    Declined,
     Evaluation,
     HeartbeatReply,
     JoinReply,
@@ -159,6 +161,12 @@ class ParticipantEndpoints(ABC):
             self._check_member(evaluation.run_id, evaluation.participant)
             self._seen(evaluation.participant)
             return self._verdict(self._apply(EvaluationReceived(evaluation)))
+
+    def decline_task(self, declined: Declined) -> Verdict:
+        with self._cond:
+            self._check_member(declined.run_id, declined.participant)
+            self._seen(declined.participant)
+            return self._verdict(self._apply(TaskDeclined(declined)))
 
     def fetch_stage(self, run_id: str, participant: str, round: int, step: SecAggStep,
                     wait_s: float) -> StageInput:

@@ -281,7 +281,7 @@ class Coordinator(ParticipantEndpoints):
                     self._event(p, ParticipantState.ACCEPTED,
                                 f"secure aggregation round {r}: completed {step.value}")
                 for p in missing:
-                    self._event(p, ParticipantState.LOST,
+                    self._event(p, ParticipantState.DROPPED,
                                 f"secure aggregation round {r}: nothing at {step.value}")
             case SpoolUpdate(round=r, participant=p, parameters=params):
                 if self._spool:
@@ -348,7 +348,7 @@ class Coordinator(ParticipantEndpoints):
         ))
         if cmd.status is ContributionStatus.ACCEPTED:
             return  # the contribution row is the record; an event would only repeat it
-        state = (ParticipantState.LOST if cmd.status is ContributionStatus.DROPPED
+        state = (ParticipantState.DROPPED if cmd.status is ContributionStatus.DROPPED
                  else ParticipantState.REJECTED)
         detail = f"{cmd.kind.value} round {cmd.round}: {cmd.status.value} ({cmd.reason})"
         logger.warning("%s %s", cmd.participant, detail)

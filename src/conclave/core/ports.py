@@ -16,6 +16,7 @@ from conclave.core.records import (
 )
 from conclave.core.types import (
     Config,
+    Declined,
     EvaluateResult,
     Evaluation,
     FitResult,
@@ -188,6 +189,10 @@ class CoordinatorService(Protocol):
     def submit_update(self, update: Update) -> Verdict: ...
 
     def submit_evaluation(self, evaluation: Evaluation) -> Verdict: ...
+
+    def decline_task(self, declined: Declined) -> Verdict:
+        """The participant cannot do its task (its trainer failed): stop waiting for it."""
+        ...
 
     def fetch_stage(
         self, run_id: str, participant: str, round: int, step: SecAggStep, wait_s: float

@@ -64,6 +64,10 @@ class ParticipantState(enum.Enum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
     LOST = "lost"
+    """Missed its heartbeats: presumed gone until it is heard from again."""
+    DROPPED = "dropped"
+    """Answered no task this time (deadline passed, trainer failed, nothing at a secure
+    step); still a member."""
     REJOINED = "rejoined"
     LEFT = "left"
 
@@ -135,6 +139,17 @@ class Evaluation:
     loss: float
     num_examples: int
     metrics: Metrics = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Declined:
+    """A participant's answer to a task it cannot do (its trainer failed), with the reason."""
+
+    run_id: str
+    round: int
+    participant: str
+    kind: TaskKind
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,6 +28,7 @@ from conclave.core.errors import (
 from conclave.core.parameters import Parameters
 from conclave.core.ports import CoordinatorService, Trainer, TrainerFactory
 from conclave.core.types import (
+    Declined,
     EvaluateResult,
     Evaluation,
     FitResult,
@@ -42,6 +43,9 @@ from conclave.core.types import (
 from conclave.participant.secure import SecureSession, StageMessage, identity_capability
 
 logger = logging.getLogger(__name__)
+
+Answer = Update | Evaluation | StageMessage | Declined
+"""What a participant sends back for a task (or a secure-aggregation step)."""
 
 
 def load_trainer_factory(ref: str) -> TrainerFactory:
@@ -129,7 +133,7 @@ class ParticipantAgent:
         self._capabilities = {**identity_capability(self._identity), **(capabilities or {})}
         self.session: SecureSession | None = None
         self._last_task: tuple[str, int, str, object, object] | None = None
-        self._pending: Update | Evaluation | StageMessage | None = None
+        self._pending: Answer | None = None
         self._poll_wait_s = poll_wait_s
         self.run_id = ""
         self.heartbeat_interval_s = 2.0
@@ -216,9 +220,9 @@ class ParticipantAgent:
                                    self.name, exc, pause)
                     stop.wait(pause)
                     continue
-                except TrainerError as exc:
+                except TrainerError as exc:  # (prepare's are answered in _perform)
                     self.stats.failures.append(str(exc))
-                    logger.error("%s: %s; sitting this task out", self.name, exc)
+                    logger.error("%s; sitting this task out", exc)
                 except RemoteProtocolError as exc:
                     if "has not joined" not in str(exc):
                         raise
@@ -248,7 +252,7 @@ class ParticipantAgent:
                 return
 
     # -- work ---------------------------------------------------------------------------
-    def prepare(self, task: Task) -> Update | Evaluation | StageMessage | None:
+    def prepare(self, task: Task) -> Answer | None:
         """Run the trainer on ``task``; what to submit. (No state-changing coordinator call:
         simulations run many of these in parallel, then submit in a fixed order.)"""
         setup = None
@@ -301,7 +305,7 @@ class ParticipantAgent:
                 f"{self.name}: trainer.{task.kind.value} failed: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def _start_secure(self, task: Task, setup: bytes, fit: FitResult) -> StageMessage | None:
+    def _start_secure(self, task: Task, setup: bytes, fit: FitResult) -> StageMessage | Declined | None:
         try:
             self.session = SecureSession(name=self.name, task=task, setup_payload=setup,
                                          identity=self._identity,
@@ -313,11 +317,16 @@ class ParticipantAgent:
                            exc)
             if self.session is not None:
                 self.session.aborted = str(exc)
-            return None
+            return self.declined(task, exc)
 
-    def submit(self, result: Update | Evaluation | StageMessage | None) -> Verdict | None:
+    def submit(self, result: Answer | None) -> Verdict | None:
         if result is None:
             return None
+        if isinstance(result, Declined):
+            verdict = self._service.decline_task(result)
+            if not verdict.accepted:
+                logger.info("%s: declining round %d: %s", self.name, result.round, verdict.reason)
+            return verdict
         if isinstance(result, StageMessage):
             assert self.session is not None
             task = self.session.task
@@ -343,9 +352,19 @@ class ParticipantAgent:
         return verdict
 
     def _perform(self, task: Task) -> None:
-        self._pending = self.prepare(task)
+        try:
+            self._pending = self.prepare(task)
+        except TrainerError as exc:
+            self.stats.failures.append(str(exc))
+            logger.error("%s; sitting this task out (the coordinator is told)", exc)
+            self._pending = self.declined(task, exc)
         self.submit(self._pending)
         self._pending = None
+
+    def declined(self, task: Task, error: ConclaveError) -> Declined:
+        """The answer to a task this participant cannot do: the coordinator stops waiting."""
+        return Declined(run_id=task.run_id, round=task.round, participant=self.name,
+                        kind=task.kind, reason=str(error).removeprefix(f"{self.name}: "))
 
 
 def _is_number(value: object) -> bool:

@@ -32,7 +32,7 @@ from conclave.core.types import (
     TrainerContext,
     Update,
 )
-from conclave.participant.agent import ParticipantAgent, build_trainer
+from conclave.participant.agent import Answer, ParticipantAgent, build_trainer
 from conclave.participant.secure import StageMessage
 from conclave.simulation.faults import FaultPlan
 from conclave.transport.memory import MemoryTransport
@@ -104,7 +104,7 @@ class Simulation:
         if wrap_transport is not None:
             transport = wrap_transport(transport)
         self.crashed: set[str] = set()
-        self._late: list[tuple[ParticipantAgent, Update | Evaluation | StageMessage | None]] = []
+        self._late: list[tuple[ParticipantAgent, Answer | None]] = []
         self.agents = [
             ParticipantAgent(name=name, service=transport, trainer=_lazy(factory, name, spec),
                              before_send=functools.partial(self._before_send, before_send, name))
@@ -192,14 +192,14 @@ class Simulation:
                     agent.submit(result)
 
 
-def _prepare(agent: ParticipantAgent, task: Task) -> Update | Evaluation | StageMessage | None:
-    """A virtual participant whose trainer fails sits the task out, as a real one does."""
+def _prepare(agent: ParticipantAgent, task: Task) -> Answer | None:
+    """A virtual participant whose trainer fails declines the task, as a real one does."""
     try:
         return agent.prepare(task)
     except TrainerError as exc:
         agent.stats.failures.append(str(exc))
         logger.error("%s", exc)
-        return None
+        return agent.declined(task, exc)
 
 
 class _LazyTrainer:

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from conclave.core.parameters import Parameters
 from conclave.core.ports import CoordinatorService
 from conclave.core.types import (
+    Declined,
     Evaluation,
     HeartbeatReply,
     JoinReply,
@@ -68,6 +69,9 @@ class MemoryTransport:
     def submit_evaluation(self, evaluation: Evaluation) -> Verdict:
         evaluation = dataclasses.replace(evaluation, metrics=dict(evaluation.metrics))
         return self._service.submit_evaluation(evaluation)
+
+    def decline_task(self, declined: Declined) -> Verdict:
+        return self._service.decline_task(declined)
 
     def fetch_stage(
         self, run_id: str, participant: str, round: int, step: SecAggStep, wait_s: float

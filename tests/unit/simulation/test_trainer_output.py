@@ -62,3 +62,32 @@ def test_a_trainer_returning_nonsense_sits_its_task_out(how: str) -> None:
     mine = [c for c in ledger.contributions(result.run_id)
             if c.participant == "participant-1" and c.kind is kind]
     assert mine and all(c.status is ContributionStatus.DROPPED for c in mine)
+    # the participant said why, so the ledger has the reason and nobody waited for it
+    assert all(c.reason.startswith(f"trainer failed: trainer.{kind.value} returned")
+               for c in mine), [c.reason for c in mine]
+    rounds = [r for r in ledger.rounds(result.run_id) if r.kind is kind]
+    assert all(r.finished_at - r.started_at < 5 for r in rounds)  # round_timeout_s = 5
+
+
+class Broken(NoiseTrainer):
+    def fit(self, config):  # type: ignore[no-untyped-def]
+        raise RuntimeError("data file /data/x.csv not found")
+
+
+def test_a_trainer_that_raises_declines_and_the_round_closes_without_waiting() -> None:
+    def factory(ctx: TrainerContext) -> NoiseTrainer:
+        if ctx.participant == "participant-2":
+            return Broken(dim=8, sigma=1e-3, examples=1, seed=0)
+        return make_trainer(ctx)
+
+    ledger = MemoryLedger()
+    spec = RunSpec.from_toml(SPEC.replace("round_timeout_s = 5", "round_timeout_s = 900"))
+    result = Simulation(spec=spec, ledger=ledger, factory=factory).run()
+    assert result.summary["rounds_committed"] == 2
+    fits = [c for c in ledger.contributions(result.run_id)
+            if c.participant == "participant-2" and c.kind is TaskKind.FIT]
+    assert [c.status for c in fits] == [ContributionStatus.DROPPED] * 2
+    assert fits[0].reason == ("trainer failed: trainer.fit failed: RuntimeError: "
+                              "data file /data/x.csv not found")
+    for r in ledger.rounds(result.run_id):
+        assert r.finished_at - r.started_at < 900, r  # closed on the decline, not the deadline

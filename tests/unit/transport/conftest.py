@@ -10,6 +10,7 @@ import pytest
 
 from conclave.core.parameters import Parameters
 from conclave.core.types import (
+    Declined,
     Evaluation,
     HeartbeatReply,
     JoinReply,
@@ -78,6 +79,10 @@ class FakeService:
 
     def submit_evaluation(self, evaluation: Evaluation) -> Verdict:
         self._record("submit_evaluation", evaluation)
+        return self.verdict
+
+    def decline_task(self, declined: Declined) -> Verdict:
+        self._record("decline_task", declined)
         return self.verdict
 
     def fetch_stage(

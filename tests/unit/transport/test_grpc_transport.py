@@ -177,3 +177,16 @@ def test_unreachable_coordinator_is_a_transport_error():
     with GrpcCoordinatorClient(f"127.0.0.1:{port}", timeout_s=2.0) as client:
         with pytest.raises(TransportError, match="UNAVAILABLE"):
             client.join(JoinRequest(participant="p0"))
+
+
+def test_decline_task_round_trips_and_the_reason_is_bounded(client: GrpcCoordinatorClient, fake):
+    from conclave.core.types import Declined, TaskKind
+
+    declined = Declined(run_id="run-7", round=4, participant="p0", kind=TaskKind.EVALUATE,
+                        reason="trainer.evaluate failed: OSError: disk full")
+    assert client.decline_task(declined) == fake.verdict
+    assert fake.last("decline_task") == declined
+    client.decline_task(Declined(run_id="run-7", round=4, participant="p0", kind=TaskKind.FIT,
+                                 reason="x" * 100_000))
+    assert len(fake.last("decline_task").reason) == 2000
+

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from conclave.core.parameters import Parameters
 from conclave.core.types import (
     ContributionStatus,
+    Declined,
     Evaluation,
     Metrics,
     RoundStatus,
@@ -90,6 +91,13 @@ class AggregateComputed:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskDeclined:
+    """A participant cannot do its task (its trainer failed)."""
+
+    declined: Declined
+
+
+@dataclass(frozen=True, slots=True)
 class DeadlinePassed:
     timer: Timer
     round: int
@@ -98,7 +106,7 @@ class DeadlinePassed:
 
 Event = (
     RunStarted | ParticipantJoined | ParticipantLost | UpdateReceived | EvaluationReceived
-    | StageReceived | AggregateComputed | DeadlinePassed
+    | StageReceived | AggregateComputed | DeadlinePassed | TaskDeclined
 )
 
 

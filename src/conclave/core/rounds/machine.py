@@ -30,11 +30,13 @@ from conclave.core.rounds.events import (
     ParticipantJoined,
     ParticipantLost,
     RecordContribution,
+    Reply,
     RunStarted,
     Stage,
     StageReceived,
     StartRound,
     Substitute,
+    TaskDeclined,
     Timer,
     UpdateReceived,
 )
@@ -45,11 +47,13 @@ from conclave.core.selection.uniform import select_uniform
 from conclave.core.spec import RunSpec, StrategyName
 from conclave.core.types import (
     ContributionStatus,
+    Declined,
     RoundStatus,
     Scalar,
     SecAggStep,
     Task,
     TaskKind,
+    Verdict,
 )
 
 
@@ -177,6 +181,8 @@ class RunMachine(Submissions, SecureSteps, Resumption):
                 return self._evaluation(e)
             case StageReceived(participant=p, round=r, step=step, payload=payload):
                 return self._stage_message(p, r, step, payload)
+            case TaskDeclined(declined=d):
+                return self._declined(d)
             case DeadlinePassed(timer=timer, round=r, attempt=a):
                 return self._deadline(timer, r, a)
         raise LocalProtocolError(f"unknown event {event!r}")
@@ -192,11 +198,25 @@ class RunMachine(Submissions, SecureSteps, Resumption):
 
     def _lost(self, participant: str, reason: str) -> list[Command]:
         self._available.discard(participant)
+        return self._stop_waiting_for(participant, f"participant lost: {reason}")
+
+    def _declined(self, declined: Declined) -> list[Command]:
+        """The participant's trainer failed on its task: record why, stop waiting for it."""
+        reason = self._check_submission(declined.kind, declined.participant, declined.round)
+        if reason:
+            return [Reply(verdict=Verdict(accepted=False, reason=reason))]
+        cmds = self._stop_waiting_for(declined.participant,
+                                      f"trainer failed: {declined.reason}")
+        return [Reply(verdict=Verdict(accepted=True)), *cmds]
+
+    def _stop_waiting_for(self, participant: str, reason: str) -> list[Command]:
+        """``participant`` will not answer the open task: it is dropped with ``reason``, a
+        substitute takes its task if quorum is at risk, and the round closes if it was the
+        last one awaited."""
         if self._secure is not None:
-            # stop waiting for it: the step closes as soon as the others answered, instead
-            # of at its deadline; the protocol recovers its masks as for any dropout
-            if (self._stage is Stage.TRAINING
-                    and self._secure.forget(participant, f"participant lost: {reason}")
+            # the step closes as soon as the others answered, instead of at its deadline;
+            # the protocol recovers its masks as for any dropout
+            if (self._stage is Stage.TRAINING and self._secure.forget(participant, reason)
                     and not self._secure.pending):
                 return self._close_secure_step()
             return []
@@ -209,7 +229,7 @@ class RunMachine(Submissions, SecureSteps, Resumption):
             cmds: list[Command] = [
                 RecordContribution(
                     round=self._round, kind=self._kind, participant=participant,
-                    status=ContributionStatus.DROPPED, reason=f"participant lost: {reason}",
+                    status=ContributionStatus.DROPPED, reason=reason,
                 )
             ]
             if self._stage is Stage.TRAINING:

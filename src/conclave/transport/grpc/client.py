@@ -15,6 +15,7 @@ import grpc
 from conclave.core.errors import TransportError
 from conclave.core.types import (
     PROTOCOL_VERSION,
+    Declined,
     Evaluation,
     HeartbeatReply,
     JoinReply,
@@ -119,6 +120,12 @@ class GrpcCoordinatorClient:
         request = serde.evaluation_to_proto(evaluation, self._version)
         with _translated("SubmitEvaluation"):
             reply = self._stub.SubmitEvaluation(request, timeout=self._timeout_s)
+        return serde.verdict_from_proto(reply)
+
+    def decline_task(self, declined: Declined) -> Verdict:
+        request = serde.declined_to_proto(declined, self._version)
+        with _translated("DeclineTask"):
+            reply = self._stub.DeclineTask(request, timeout=self._timeout_s)
         return serde.verdict_from_proto(reply)
 
     def fetch_stage(

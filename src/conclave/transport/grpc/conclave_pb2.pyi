@@ -572,6 +572,40 @@ class EvaluationRequest(_message.Message):
 Global___EvaluationRequest: _TypeAlias = EvaluationRequest  # noqa: Y015
 
 @_typing.final
+class DeclineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    run_id: _builtins.str
+    round: _builtins.int
+    participant: _builtins.str
+    kind: Global___TaskKind.ValueType
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        participant: _builtins.str = ...,
+        kind: Global___TaskKind.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "participant", b"participant", "protocol_version", b"protocol_version", "reason", b"reason", "round", b"round", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclineRequest: _TypeAlias = DeclineRequest  # noqa: Y015
+
+@_typing.final
 class Verdict(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

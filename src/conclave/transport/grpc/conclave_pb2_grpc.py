@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.EvaluationRequest.SerializeToString,
                 response_deserializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.FromString,
                 _registered_method=True)
+        self.DeclineTask = channel.unary_unary(
+                '/conclave.v1.Coordinator/DeclineTask',
+                request_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.DeclineRequest.SerializeToString,
+                response_deserializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.FromString,
+                _registered_method=True)
         self.FetchStage = channel.unary_stream(
                 '/conclave.v1.Coordinator/FetchStage',
                 request_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.FetchStageRequest.SerializeToString,
@@ -108,6 +113,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineTask(self, request, context):
+        """The participant cannot do its task (its trainer failed): the round stops waiting for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchStage(self, request, context):
         """Secure aggregation, long poll: what a participant needs for one step of a round, as
         one StageHeader, then the opaque payload as raw chunks.
@@ -149,6 +161,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'SubmitEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitEvaluation,
                     request_deserializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.EvaluationRequest.FromString,
+                    response_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.SerializeToString,
+            ),
+            'DeclineTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineTask,
+                    request_deserializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.DeclineRequest.FromString,
                     response_serializer=conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.SerializeToString,
             ),
             'FetchStage': grpc.unary_stream_rpc_method_handler(
@@ -296,6 +313,33 @@ class Coordinator:
             target,
             '/conclave.v1.Coordinator/SubmitEvaluation',
             conclave_dot_transport_dot_grpc_dot_conclave__pb2.EvaluationRequest.SerializeToString,
+            conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conclave.v1.Coordinator/DeclineTask',
+            conclave_dot_transport_dot_grpc_dot_conclave__pb2.DeclineRequest.SerializeToString,
             conclave_dot_transport_dot_grpc_dot_conclave__pb2.Verdict.FromString,
             options,
             channel_credentials,

@@ -49,6 +49,8 @@ class CoordinatorStub:
     SubmitUpdate: _grpc.StreamUnaryMultiCallable[_conclave_pb2.UpdateMessage, _conclave_pb2.Verdict]
     """One UpdateHeader, then the trained model as raw chunks."""
     SubmitEvaluation: _grpc.UnaryUnaryMultiCallable[_conclave_pb2.EvaluationRequest, _conclave_pb2.Verdict]
+    DeclineTask: _grpc.UnaryUnaryMultiCallable[_conclave_pb2.DeclineRequest, _conclave_pb2.Verdict]
+    """The participant cannot do its task (its trainer failed): the round stops waiting for it."""
     FetchStage: _grpc.UnaryStreamMultiCallable[_conclave_pb2.FetchStageRequest, _conclave_pb2.StageMessage]
     """Secure aggregation, long poll: what a participant needs for one step of a round, as
     one StageHeader, then the opaque payload as raw chunks.
@@ -68,6 +70,8 @@ class CoordinatorAsyncStub(CoordinatorStub):
     SubmitUpdate: _aio.StreamUnaryMultiCallable[_conclave_pb2.UpdateMessage, _conclave_pb2.Verdict]  # type: ignore[assignment]
     """One UpdateHeader, then the trained model as raw chunks."""
     SubmitEvaluation: _aio.UnaryUnaryMultiCallable[_conclave_pb2.EvaluationRequest, _conclave_pb2.Verdict]  # type: ignore[assignment]
+    DeclineTask: _aio.UnaryUnaryMultiCallable[_conclave_pb2.DeclineRequest, _conclave_pb2.Verdict]  # type: ignore[assignment]
+    """The participant cannot do its task (its trainer failed): the round stops waiting for it."""
     FetchStage: _aio.UnaryStreamMultiCallable[_conclave_pb2.FetchStageRequest, _conclave_pb2.StageMessage]  # type: ignore[assignment]
     """Secure aggregation, long poll: what a participant needs for one step of a round, as
     one StageHeader, then the opaque payload as raw chunks.
@@ -114,6 +118,14 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _conclave_pb2.EvaluationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_conclave_pb2.Verdict, _abc.Awaitable[_conclave_pb2.Verdict]]: ...
+
+    @_abc_1.abstractmethod
+    def DeclineTask(
+        self,
+        request: _conclave_pb2.DeclineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conclave_pb2.Verdict, _abc.Awaitable[_conclave_pb2.Verdict]]:
+        """The participant cannot do its task (its trainer failed): the round stops waiting for it."""
 
     @_abc_1.abstractmethod
     def FetchStage(

@@ -19,6 +19,7 @@ from conclave.core.parameters import Layout, Parameters
 from conclave.core.types import (
     PROTOCOL_VERSION,
     Config,
+    Declined,
     Evaluation,
     HeartbeatReply,
     JoinReply,
@@ -221,6 +222,32 @@ def evaluation_from_proto(request: pb.EvaluationRequest) -> Evaluation:
         num_examples=request.num_examples,
         metrics=dict(request.metrics),
     )
+
+
+MAX_REASON_CHARS = 2000
+"""A participant's reason for declining a task is cut to this length."""
+
+
+def declined_to_proto(
+    declined: Declined, protocol_version: int = PROTOCOL_VERSION
+) -> pb.DeclineRequest:
+    return pb.DeclineRequest(
+        protocol_version=protocol_version,
+        run_id=declined.run_id,
+        round=declined.round,
+        participant=declined.participant,
+        kind=_KIND_TO_PROTO[declined.kind],
+        reason=declined.reason,
+    )
+
+
+def declined_from_proto(request: pb.DeclineRequest) -> Declined:
+    kind = _KIND_FROM_PROTO.get(request.kind)
+    if kind is None:
+        raise RemoteProtocolError(f"DeclineRequest has an unknown task kind {request.kind}")
+    return Declined(run_id=request.run_id, round=request.round,
+                    participant=request.participant, kind=kind,
+                    reason=request.reason[:MAX_REASON_CHARS])
 
 
 # -- FetchTask: one header, then the global model in chunks ------------------------------

@@ -198,6 +198,14 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
         return _guarded(context, "SubmitEvaluation", call)
 
+    def DeclineTask(self, request: pb.DeclineRequest, context: grpc.ServicerContext) -> pb.Verdict:
+        def call() -> pb.Verdict:
+            _check(request.protocol_version)
+            verdict = self._service.decline_task(serde.declined_from_proto(request))
+            return serde.verdict_to_proto(verdict)
+
+        return _guarded(context, "DeclineTask", call)
+
     def FetchStage(
         self, request: pb.FetchStageRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StageMessage]:
