@@ -244,14 +244,19 @@ def _crash_hook(spec: str | None) -> Callable[[SecAggStep | str, int], bool | No
 def _join_with_retry(agent: ParticipantAgent, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     backoff = 0.1
+    told = False
     while True:
         try:
             agent.join()
             return
-        except TransportError:
+        except TransportError as exc:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise
+            if not told:
+                print(f"{agent.name}: cannot join yet ({exc}); retrying for up to "
+                      f"{remaining:.0f} s", file=sys.stderr, flush=True)
+                told = True
             time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, 2.0)
 

@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 
-from conclave.core.errors import RemoteProtocolError
+from conclave.core.errors import RemoteProtocolError, TransportError
 from conclave.core.rounds.events import (
     Command,
     EvaluationReceived,
@@ -66,6 +66,7 @@ class ParticipantEndpoints(ABC):
     _told_finished: set[str]
     _lost: set[str]
     _rejected: set[str]
+    _identities: dict[str, bytes]
 
     @abstractmethod
     def _apply(self, event: Event) -> list[Command]:
@@ -101,12 +102,15 @@ class ParticipantEndpoints(ABC):
                 raise RemoteProtocolError(
                     f"unknown participant {name!r}: not enrolled in this federation"
                 )
+            self._check_not_impersonated(name, identity)
             state = ParticipantState.REJOINED if name in self._ever_joined else ParticipantState.JOINED
             caps = ", ".join(f"{k}={v}" for k, v in sorted(request.capabilities.items()))
             if len(caps) > _MAX_CAPABILITIES_CHARS:
                 caps = f"{caps[:_MAX_CAPABILITIES_CHARS]}... ({len(caps)} characters)"
             self._event(name, state, caps)
             self._ever_joined.add(name)
+            if identity:
+                self._identities[name] = identity
             self._lost.discard(name)
             self._last_seen[name] = self._clock()
             if self._status is RunStatus.RUNNING:
@@ -199,6 +203,23 @@ class ParticipantEndpoints(ABC):
             raise RemoteProtocolError(f"unknown run id {run_id!r}; the current run is {self.run_id!r}")
         if participant not in self._ever_joined:
             raise RemoteProtocolError(f"participant {participant!r} has not joined run {run_id!r}")
+
+    def _check_not_impersonated(self, name: str, identity: bytes) -> None:
+        """One process per name: a join under a name that another process (another identity
+        key) holds is refused as busy (the caller retries) while that process still sends its
+        heartbeats, so a misconfigured duplicate cannot take over a live participant's tasks;
+        a restarted participant gets in once its old process missed two heartbeats."""
+        known = self._identities.get(name)
+        if not known or not identity or known == identity or name in self._lost:
+            return
+        quiet_s = 2 * self.spec.federation.heartbeat_interval_s
+        silent_s = self._clock() - self._last_seen.get(name, float("-inf"))
+        if silent_s < quiet_s:
+            raise TransportError(
+                f"participant {name!r} is connected from another process (another identity "
+                f"key), heard from {silent_s:.1f} s ago; a restarted participant is admitted "
+                f"once the old one has been silent for {quiet_s:g} s"
+            )
 
     def _seen(self, participant: str) -> None:
         self._last_seen[participant] = self._clock()

@@ -109,6 +109,7 @@ class Coordinator(ParticipantEndpoints):
         self._told_finished = set()
         self._lost = set()
         self._rejected = set()
+        self._identities = {}
         self._started = False
         self._status = RunStatus.RUNNING
         self._reason = ""

@@ -60,3 +60,26 @@ def test_recorded_refusals_are_bounded(coordinator: Coordinator,
         with pytest.raises(RemoteProtocolError):
             coordinator.join(JoinRequest(participant=f"stranger-{i}"))
     assert len(_events(coordinator)) == 5
+
+
+def test_a_name_held_by_a_live_process_is_not_taken_by_another() -> None:
+    from conclave.core.errors import TransportError
+
+    now = [100.0]
+    coord = Coordinator(spec=RunSpec.from_toml(SPEC), ledger=MemoryLedger(),
+                        initial=Parameters.from_arrays({"w": [0.0]}), clock=lambda: now[0])
+    first = {"identity.ed25519": "11" * 32}
+    other = {"identity.ed25519": "22" * 32}
+    coord.join(JoinRequest(participant="alice", capabilities=first))
+    now[0] += 1.0
+    with pytest.raises(TransportError, match="connected from another process"):
+        coord.join(JoinRequest(participant="alice", capabilities=other))
+    coord.join(JoinRequest(participant="alice", capabilities=first))  # the same process: fine
+    # the first process falls silent; once it missed two heartbeats (2 x 2 s by default)
+    # the restarted one (a new key) is admitted
+    now[0] += 2 * coord.spec.federation.heartbeat_interval_s - 0.5
+    with pytest.raises(TransportError, match="silent for 4 s"):
+        coord.join(JoinRequest(participant="alice", capabilities=other))
+    now[0] += 0.5
+    coord.join(JoinRequest(participant="alice", capabilities=other))
+    assert _events(coord)[-1] == ("alice", ParticipantState.REJOINED)
