@@ -200,3 +200,30 @@ def test_a_coordinator_that_cannot_listen_leaves_no_running_run(tmp_path: Path) 
     no_traceback(done)
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "could not start" in summary["reason"]
+
+
+def test_a_participant_stopped_by_sigterm_exits_130_with_a_message(tmp_path: Path) -> None:
+    with socket_closed_port() as port:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "conclave", "participant", "--coordinator",
+             f"127.0.0.1:{port}", "--name", "hospital-0", "--connect-timeout", "60"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2.0)  # importing, then retrying its first connection
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+class socket_closed_port:
+    """A port that was free a moment ago (nothing listens there)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return int(probe.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        return None

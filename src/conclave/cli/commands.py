@@ -122,8 +122,9 @@ def coordinator(args: argparse.Namespace) -> int:
         if coord.status is not RunStatus.INTERRUPTED:
             _linger(coord, spec)
     except KeyboardInterrupt:
+        print("\nconclave: interrupted (Ctrl-C); restart with the same command to resume the "
+              "run", file=sys.stderr)
         coord.interrupt("coordinator interrupted (SIGINT)")
-        raise
     finally:
         server.stop(grace_s=2.0)
         summary = coord.summary()
@@ -180,6 +181,7 @@ def participant(args: argparse.Namespace) -> int:
     from conclave.cli.main import _parse_options
 
     _die_with_parent()
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)  # exit 130, like Ctrl-C
     factory = load_trainer_factory(args.trainer)
     crash = _crash_hook(args.crash_at)
     client = GrpcCoordinatorClient(args.coordinator)
@@ -207,8 +209,9 @@ def _coordinator_crash_hook(spec: str | None) -> Callable[[str, int], None] | No
         return None
     point, _, round_text = spec.partition(":")
     points = ("selection", "upload", "aggregation", "commit", "unmask")
-    if point not in points or not round_text.isdigit():
-        raise ConfigError("--crash-at", spec, f"POINT:ROUND with POINT one of {', '.join(points)}")
+    if point not in points or not round_text.isdigit() or int(round_text) < 1:
+        raise ConfigError("--crash-at", spec,
+                          f"POINT:ROUND with POINT one of {', '.join(points)} and ROUND >= 1")
     target = (point, int(round_text))
 
     def hook(at: str, rnd: int) -> None:
@@ -226,7 +229,7 @@ def _crash_hook(spec: str | None) -> Callable[[SecAggStep | str, int], bool | No
     points: set[tuple[str, int]] = set()
     for item in spec.split(","):
         step_name, _, round_text = item.strip().partition(":")
-        if step_name not in steps or not round_text.isdigit():
+        if step_name not in steps or not round_text.isdigit() or int(round_text) < 1:
             raise ConfigError("--crash-at", spec,
                               f"STEP:ROUND[,STEP:ROUND...] with STEP one of {', '.join(steps)}")
         points.add((step_name, int(round_text)))

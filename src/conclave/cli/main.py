@@ -8,11 +8,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 from conclave.core.errors import ConclaveError, ConfigError
-from conclave.core.spec import RunSpec
+from conclave.core.types import PROTOCOL_VERSION
+from conclave.core.spec import NAME_RULE, RunSpec, is_valid_name
 
 logger = logging.getLogger("conclave.cli")
 
@@ -41,6 +42,12 @@ def _state_dir(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder (got an empty path)")
     return Path(text)
+
+
+def _participant_name(text: str) -> str:
+    if not is_valid_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: {NAME_RULE}")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -82,6 +89,13 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _version() -> str:
+    try:
+        return metadata.version("conclave")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
 class _OneLineWarning(logging.Filter):
     """gRPC logs a full traceback when a peer sends bytes that are not a valid message (a
     scanner, a broken client). The coordinator answers such calls with an error and goes on:
@@ -102,6 +116,8 @@ class _OneLineWarning(logging.Filter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conclave", description="Federated learning: coordinator, participants, simulation.")
+    parser.add_argument("--version", action="version",
+                        version=f"conclave {_version()} (protocol {PROTOCOL_VERSION})")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     part = sub.add_parser("participant", help="join a coordinator and train on local data")
     part.add_argument("--coordinator", required=True, type=_address(1),
                       help="HOST:PORT of the coordinator")
-    part.add_argument("--name", required=True, help="this participant's name, e.g. hospital-0")
+    part.add_argument("--name", required=True, type=_participant_name,
+                      help="this participant's name, e.g. hospital-0")
     part.add_argument("--trainer", default="conclave.tasks.heart_disease:make_trainer",
                       help="trainer factory module:attribute")
     part.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

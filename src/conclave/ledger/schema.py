@@ -87,6 +87,11 @@ def connect_read_write(db_path: Path, timeout_s: float, *,
             raise LedgerError(f"cannot put {db_path} in WAL mode (got {mode})")
         conn.execute(f"PRAGMA synchronous = {'FULL' if power_loss_safe else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # a damaged page found now is an error naming the file, not a run built on it
+        problem = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if problem != "ok":
+            raise LedgerError(f"ledger {db_path} is damaged ({' '.join(str(problem).split())}); "
+                              "restore it from a backup or move it away")
         ensure_schema(conn, str(db_path))
     except BaseException:
         conn.close()

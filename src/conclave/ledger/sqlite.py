@@ -106,6 +106,9 @@ class SqliteLedger(SqliteTransactions):
                 if version == 1:
                     self._round_columns = ROUND_COLUMNS_V1
             else:
+                if self._state_dir.exists() and not self._state_dir.is_dir():
+                    raise LedgerError(f"state directory {self._state_dir} is a file, not a "
+                                      "folder")
                 self._state_dir.mkdir(parents=True, exist_ok=True)
                 self._lock_fd = _lock_state_dir(self._state_dir)
                 self._conn = connect_read_write(self._db_path, _BUSY_TIMEOUT_S,

@@ -262,3 +262,26 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_state_dir(tmp_path
             assert reader.get_run(RUN).run_id == RUN
     with SqliteLedger(tmp_path) as again:  # released on close
         assert again.get_run(RUN).run_id == RUN
+
+
+def test_a_damaged_database_or_a_file_in_the_way_is_refused_clearly(tmp_path: Path) -> None:
+    with SqliteLedger(tmp_path / "state") as first:
+        fill(first)
+        for i in range(60):  # enough rows for several pages
+            first.record_participant_event(ParticipantEvent(
+                run_id=RUN, participant=f"p{i}", state=ParticipantState.JOINED, at=float(i),
+                detail="x" * 500))
+    db = tmp_path / "state" / "ledger.sqlite"
+    with closing(raw(db)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(db.read_bytes())
+    page = 4096
+    assert len(data) > 8 * page
+    data[4 * page: 5 * page] = b"\x55" * page
+    db.write_bytes(bytes(data))
+    with pytest.raises(LedgerError, match="is damaged"):
+        SqliteLedger(tmp_path / "state")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(LedgerError, match="is a file, not a folder"):
+        SqliteLedger(afile)
