@@ -607,3 +607,15 @@ def test_latest_checkpoint_is_none_when_all_are_corrupt(ledger: Ledger) -> None:
     damage_checkpoint(ledger, 1, "flip")
     damage_checkpoint(ledger, 2, "truncate")
     assert ledger.latest_checkpoint(RUN) is None
+
+
+def test_participant_events_in_a_batch_keep_their_order(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    batch = [ParticipantEvent(run_id=RUN, participant=p, state=ParticipantState.TASKED, at=5.0,
+                              detail="fit round 1 attempt 1") for p in ("c", "a", "b")]
+    ledger.record_participant_events(batch)
+    ledger.record_participant_events([])
+    assert list(ledger.participant_events(RUN)) == batch
+    with pytest.raises(LedgerError, match="unknown run"):
+        ledger.record_participant_events([dataclasses.replace(batch[0], run_id="nope")])
+    assert list(ledger.participant_events(RUN)) == batch  # nothing of a refused batch

@@ -252,8 +252,12 @@ class Coordinator(ParticipantEndpoints):
                     selected=selected, started_at=now, attempt=attempt,
                 ))
                 self._hit("selection", r)
-                for p in selected:
-                    self._event(p, ParticipantState.TASKED, f"{kind.value} round {r} attempt {attempt}")
+                at = self._clock()
+                self._ledger.record_participant_events([
+                    ParticipantEvent(run_id=self.run_id, participant=p,
+                                     state=ParticipantState.TASKED, at=at,
+                                     detail=f"{kind.value} round {r} attempt {attempt}")
+                    for p in selected])
                 self._timings.append(RoundTiming(round=r, kind=kind, started_at=now))
                 logger.info("round %d (%s) started with %d participant(s)", r, kind.value,
                             len(selected))

@@ -74,6 +74,10 @@ class Ledger(Protocol):
 
     def record_participant_event(self, event: ParticipantEvent) -> None: ...
 
+    def record_participant_events(self, events: Sequence[ParticipantEvent]) -> None:
+        """Several events at once, in order (a round's selection tasks many participants)."""
+        ...
+
     def participant_events(
         self, run_id: str, participant: str | None = None
     ) -> Sequence[ParticipantEvent]: ...

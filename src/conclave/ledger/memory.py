@@ -97,8 +97,14 @@ class MemoryLedger:
 
     # -- participants -----------------------------------------------------------------------
     def record_participant_event(self, event: ParticipantEvent) -> None:
+        self.record_participant_events((event,))
+
+    def record_participant_events(self, events: Sequence[ParticipantEvent]) -> None:
         with self._lock:
-            self._run(event.run_id).events.append(event)
+            for run_id in {e.run_id for e in events}:
+                self._run(run_id)  # every run must exist before anything is recorded
+            for event in events:
+                self._run(event.run_id).events.append(event)
 
     def participant_events(
         self, run_id: str, participant: str | None = None

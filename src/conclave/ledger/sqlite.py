@@ -192,12 +192,18 @@ class SqliteLedger(SqliteTransactions):
 
     # -- participants -----------------------------------------------------------------------
     def record_participant_event(self, event: ParticipantEvent) -> None:
-        with self._write(f"record an event of {event.participant!r}") as conn:
-            self._require_run(conn, event.run_id)
-            conn.execute(
+        self.record_participant_events((event,))
+
+    def record_participant_events(self, events: Sequence[ParticipantEvent]) -> None:
+        if not events:
+            return
+        with self._write(f"record {len(events)} participant event(s)") as conn:
+            for run_id in {e.run_id for e in events}:
+                self._require_run(conn, run_id)
+            conn.executemany(
                 "INSERT INTO participant_events (run_id, participant, state, at, detail) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (event.run_id, event.participant, event.state.value, event.at, event.detail),
+                [(e.run_id, e.participant, e.state.value, e.at, e.detail) for e in events],
             )
 
     def participant_events(
