@@ -170,7 +170,8 @@ class Simulation:
             if self.faults.crashes_before(agent.name, task.kind.value, task.round):
                 self._crash(agent.name, f"crashed before sending {task.kind.value} in round "
                                         f"{task.round} (fault injection)")
-            elif not self.faults.silent(agent.name, task.round):
+            elif not self.faults.silent(agent.name, task.round,
+                                        int(task.config.get("attempt", 1))):
                 kept.append((agent, task))
         return kept
 

@@ -2,7 +2,7 @@
 
 ```toml
 [faults]
-drop_probability = 0.1          # a selected participant stays silent for a round
+drop_probability = 0.1          # a selected participant stays silent for one attempt of a round
 slow = ["participant-3"]        # always answers after the round's deadline (recorded late)
 [[faults.crash]]                # vanishes for good just before sending STEP in ROUND
 participant = "participant-7"
@@ -99,14 +99,19 @@ class FaultPlan:
     def active(self) -> bool:
         return bool(self.drop_probability or self.slow or self.crashes or self.partitions)
 
-    def silent(self, participant: str, round: int) -> bool:
-        """Whether ``participant`` does not answer at all in ``round``."""
+    def silent(self, participant: str, round: int, attempt: int = 1) -> bool:
+        """Whether ``participant`` does not answer at all in ``attempt`` of ``round``. Drops
+        are drawn afresh for each attempt, as a retried round meets a new moment in a real
+        federation; partitions hold for every attempt of their rounds."""
         if any(participant in q.participants and q.from_round <= round <= q.to_round
                for q in self.partitions):
             return True
         if self.drop_probability <= 0:
             return False
-        digest = hashlib.sha256(f"faults/{self.seed}/{participant}/{round}".encode()).digest()
+        key = f"faults/{self.seed}/{participant}/{round}"
+        if attempt > 1:
+            key += f"/{attempt}"
+        digest = hashlib.sha256(key.encode()).digest()
         return int.from_bytes(digest[:8], "little") / 2**64 < self.drop_probability
 
     def crashes_before(self, participant: str, step: str, round: int) -> bool:

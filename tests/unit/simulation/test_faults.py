@@ -8,7 +8,7 @@ import pytest
 
 from conclave.core.errors import ConfigError
 from conclave.core.spec import RunSpec
-from conclave.core.types import ContributionStatus, TaskKind
+from conclave.core.types import ContributionStatus, RoundStatus, TaskKind
 from conclave.ledger.memory import MemoryLedger
 from conclave.simulation.engine import Simulation
 from conclave.simulation.faults import FaultPlan
@@ -103,3 +103,39 @@ def test_bad_fault_tables_are_named(table: dict[str, object], field: str) -> Non
     with pytest.raises(ConfigError) as info:
         FaultPlan.from_table(table, seed=0, names=("participant-1", "participant-2"))
     assert info.value.field == field
+
+
+def test_a_retried_round_draws_its_drops_afresh() -> None:
+    plan = FaultPlan.from_table({"drop_probability": 0.5}, seed=3, names=("a", "b", "c"))
+    firsts = [plan.silent(p, r) for p in "abc" for r in range(1, 30)]
+    seconds = [plan.silent(p, r, attempt=2) for p in "abc" for r in range(1, 30)]
+    assert firsts != seconds
+    assert [plan.silent(p, r, attempt=1) for p in "abc" for r in range(1, 30)] == firsts
+    # a run whose first attempts miss quorum finishes on retries
+    spec = RunSpec.from_toml("""
+[run]
+name = "retries"
+rounds = 8
+seed = 42
+[task]
+trainer = "conclave.trainers.noise:make_trainer"
+[task.options]
+dim = "16"
+[selection]
+min_participants = 4
+min_quorum = 3
+max_round_attempts = 6
+[deadlines]
+round_timeout_s = 5
+[evaluation]
+every_rounds = 0
+[simulation]
+participants = 4
+[faults]
+drop_probability = 0.3
+""")
+    ledger = MemoryLedger()
+    result = Simulation(spec=spec, ledger=ledger, factory=make_trainer).run()
+    assert result.summary["status"] == "finished", result.summary["reason"]
+    fits = [r for r in ledger.rounds(result.run_id) if r.kind is TaskKind.FIT]
+    assert any(r.attempt > 1 and r.status is RoundStatus.COMMITTED for r in fits)
