@@ -129,7 +129,7 @@ class ParticipantEndpoints(ABC):
             self._seen(participant)
             finished = self._status in _OVER
             if finished:
-                self._told_finished.add(participant)
+                self._tell_finished(participant)
             return HeartbeatReply(
                 has_task=self._offers_task(participant),
                 run_finished=finished,
@@ -142,7 +142,7 @@ class ParticipantEndpoints(ABC):
             while True:
                 self._seen(participant)
                 if self._status in _OVER:
-                    self._told_finished.add(participant)
+                    self._tell_finished(participant)
                     return TaskAssignment(task=None, run_finished=True)
                 # an interrupted run hands out no task (see _offers_task)
                 task = (self._machine.task_for(participant)
@@ -220,6 +220,12 @@ class ParticipantEndpoints(ABC):
                 f"key), heard from {silent_s:.1f} s ago; a restarted participant is admitted "
                 f"once the old one has been silent for {quiet_s:g} s"
             )
+
+    def _tell_finished(self, participant: str) -> None:
+        """``participant`` hears that the run is over: the last entry of its history."""
+        if participant not in self._told_finished:
+            self._told_finished.add(participant)
+            self._event(participant, ParticipantState.LEFT, f"told the run {self._status.value}")
 
     def _seen(self, participant: str) -> None:
         self._last_seen[participant] = self._clock()
