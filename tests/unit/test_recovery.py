@@ -47,6 +47,9 @@ def test_a_truncated_checkpoint_is_reported_and_the_previous_one_is_used(tmp_pat
         assert run is not None and run.run_id == run_id
         found = recover(ledger, run)
         assert found.point.completed_rounds == 4
+        accepted4 = {c.participant: c.digest for c in ledger.contributions(run_id, 4)
+                     if c.kind is TaskKind.FIT and c.status.value == "accepted"}
+        assert len(accepted4) == 3 and found.point.committed_digests == accepted4
         assert found.problems and "round 5" in found.problems[0]
         assert "truncated" in found.problems[0]
         fit5 = next(r for r in ledger.rounds(run_id) if r.round == 5 and r.kind is TaskKind.FIT)

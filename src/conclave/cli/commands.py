@@ -19,7 +19,7 @@ from conclave.cli.main import read_spec, write_summary
 from conclave.cli.progress import RoundProgress
 from conclave.coordinator.recovery import recover, unfinished_run
 from conclave.coordinator.service import Coordinator, RoundTiming
-from conclave.core.errors import ConfigError, TransportError
+from conclave.core.errors import ConclaveError, ConfigError, TransportError
 from conclave.core.ports import Ledger
 from conclave.core.spec import RunSpec
 from conclave.core.types import RunStatus, SecAggStep, TaskKind, TrainerContext
@@ -54,6 +54,10 @@ def _make_coordinator(spec: RunSpec, ledger: Ledger, progress: RoundProgress | N
     if run is None:
         return Coordinator(spec=spec, ledger=ledger, initial=initial, on_round=hook, fault=fault)
     found = recover(ledger, run)
+    if found.point.completed_rounds > spec.rounds:
+        raise ConfigError("--rounds", spec.rounds,
+                          f"at least the {found.point.completed_rounds} rounds run {run.run_id} "
+                          "already committed")
     for problem in found.problems:
         print(f"conclave: warning: {problem}; using the checkpoint before it", file=sys.stderr)
     point = dataclasses.replace(found.point, epoch=int(time.time()))
@@ -72,10 +76,18 @@ def simulate(args: argparse.Namespace) -> int:
                                                 secure_aggregation=args.secure_aggregation)
     ledger: Ledger = SqliteLedger(args.state_dir) if args.state_dir else MemoryLedger()
     progress = RoundProgress(spec.rounds, evaluates_every_round=spec.evaluation.every_rounds == 1)
+    sim: Simulation | None = None
     try:
         sim = Simulation(spec=spec, ledger=ledger, factory=load_trainer_factory(spec.task.trainer),
                          on_round=_progress_hook(progress))
         result = sim.run()
+    except (ConclaveError, KeyboardInterrupt) as exc:
+        if sim is not None:  # the run exists in the ledger: record why it stopped
+            what = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            sim.coordinator.interrupt(f"simulation stopped: {what}")
+            if args.state_dir:
+                write_summary(args.state_dir, sim.coordinator.summary())
+        raise
     finally:
         progress.close()
         ledger.close()
@@ -258,7 +270,7 @@ def _join_with_retry(agent: ParticipantAgent, timeout_s: float) -> None:
                 raise
             if not told:
                 print(f"{agent.name}: cannot join yet ({exc}); retrying for up to "
-                      f"{remaining:.0f} s", file=sys.stderr, flush=True)
+                      f"{remaining:.3g} s", file=sys.stderr, flush=True)
                 told = True
             time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, 2.0)

@@ -34,7 +34,12 @@ def read_spec(source: str) -> RunSpec:
     except UnicodeDecodeError as exc:
         raise ConfigError("spec", source, f"a UTF-8 TOML file (byte {exc.start} is not "
                           "UTF-8)") from None
-    return RunSpec.from_toml(text)
+    try:
+        return RunSpec.from_toml(text)
+    except ConfigError as exc:
+        if exc.field == "run spec":  # a TOML syntax error: name the file, not "<toml>"
+            raise ConfigError("spec", source, exc.allowed) from None
+        raise
 
 
 # -- argument types: a bad value is exit 2 with argparse's usage line -----------------------
@@ -63,7 +68,8 @@ def _seconds(text: str) -> float:
 def _address(lowest_port: int) -> Callable[[str], str]:
     def parse(text: str) -> str:
         host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not lowest_port <= int(port) <= 65535:
+        if (not sep or not host or "/" in host or not port.isdigit()
+                or not lowest_port <= int(port) <= 65535):
             raise argparse.ArgumentTypeError(
                 f"{text!r}: HOST:PORT with a port from {lowest_port} to 65535")
         return text
@@ -190,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("grpc._common").addFilter(_OneLineWarning())
+    # gRPC's C core prints its own lines (e.g. a failed bind) next to our one-line errors
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     for name in ("rounds",):
         value = getattr(args, name, None)
         if value is not None and value < 1:

@@ -78,11 +78,14 @@ def recover(ledger: Ledger, run: RunRecord) -> Recovered:
                    and r.status is RoundStatus.COMMITTED]
     last_eval = _evaluations(ledger, run_id, evaluations[-1]) if evaluations else {}
     evaluation_done = any(r.round == completed for r in evaluations)
+    committed = {c.participant: c.digest for c in ledger.contributions(run_id, completed)
+                 if c.kind is TaskKind.FIT and c.status is ContributionStatus.ACCEPTED
+                 and c.digest} if completed else {}
     if not in_progress:
         return Recovered(run=run, parameters=parameters, problems=problems,
                          strategy_state=strategy_state, point=ResumePoint(
                              completed_rounds=completed, last_evaluation=last_eval,
-                             evaluation_done=evaluation_done))
+                             evaluation_done=evaluation_done, committed_digests=committed))
     current = in_progress[-1]
     answered, accepted = _answers(ledger, run_id, current)
     point = ResumePoint(
@@ -92,6 +95,7 @@ def recover(ledger: Ledger, run: RunRecord) -> Recovered:
         evaluations=_evaluations(ledger, run_id, current) if current.kind is TaskKind.EVALUATE
         else {},
         last_evaluation=last_eval, evaluation_done=evaluation_done,
+        committed_digests=committed,
     )
     return Recovered(run=run, parameters=parameters, point=point, problems=problems,
                      strategy_state=strategy_state)

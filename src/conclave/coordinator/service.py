@@ -271,7 +271,7 @@ class Coordinator(ParticipantEndpoints):
                 ))
                 self._event(p, ParticipantState.TASKED,
                             f"fit round {r} attempt {attempt}: substitute for {lost}")
-                logger.warning("round %d: %s substitutes for lost %s", r, p, lost)
+                logger.warning("round %d: %s substitutes for %s", r, p, lost)
             case ArmTimer(timer=timer, round=r, attempt=attempt, timeout_s=timeout):
                 self._timers = {k: v for k, v in self._timers.items() if k[0] is not timer}
                 self._timers[(timer, r, attempt)] = now + timeout

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+
 from conclave.core.errors import ConfigError
 from conclave.core.types import Scalar
 
@@ -29,6 +31,7 @@ def is_valid_name(name: str) -> bool:
 
 E = TypeVar("E", bound=enum.Enum)
 MAX_ROUNDS = 1_000_000
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class StrategyName(enum.Enum):
@@ -230,7 +233,8 @@ class _Table:
             raise ConfigError(self._name(key), value, "a number")
         value = float(value)
         if not math.isfinite(value) or (positive and value <= 0):
-            raise ConfigError(self._name(key), value, "a finite number > 0")
+            raise ConfigError(self._name(key), value,
+                              "a finite number > 0" if positive else "a finite number")
         return value
 
     def text(self, key: str, default: str | None, *, pattern: re.Pattern[str] | None = None,
@@ -404,9 +408,14 @@ def _strategy(strat: _Table) -> StrategySpec:
         strat.check_unknown()
         return StrategySpec(name=name)
     server_lr = strat.float("server_lr", 1.0)
+    if server_lr > _FLOAT32_MAX:
+        raise ConfigError("strategy.server_lr", server_lr, f"at most {_FLOAT32_MAX:.3g} "
+                          "(the step is computed in float32)")
     momentum = strat.float("server_momentum", 0.9, positive=False)
-    if not 0.0 <= momentum < 1.0:
-        raise ConfigError("strategy.server_momentum", momentum, "a number in [0, 1)")
+    # in float32, as the step computes it (0.99999999 would round to exactly 1)
+    if not 0.0 <= momentum < 1.0 or float(np.float32(momentum)) >= 1.0:
+        raise ConfigError("strategy.server_momentum", momentum,
+                          "a number in [0, 1) (below 1 in float32)")
     strat.check_unknown()
     return StrategySpec(name=name, server_lr=server_lr, server_momentum=momentum)
 

@@ -300,7 +300,7 @@ class ParticipantAgent:
             raise TrainerError(f"{self.name}: {exc}") from exc
         except ConclaveError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a trainer calling sys.exit() failed too
             raise TrainerError(
                 f"{self.name}: trainer.{task.kind.value} failed: {type(exc).__name__}: {exc}"
             ) from exc

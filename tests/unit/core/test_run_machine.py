@@ -27,7 +27,14 @@ from conclave.core.rounds.events import (
     UpdateReceived,
 )
 from conclave.core.spec import RunSpec
-from conclave.core.types import ContributionStatus, Evaluation, RoundStatus, TaskKind, Update
+from conclave.core.types import (
+    ContributionStatus,
+    Evaluation,
+    RoundStatus,
+    TaskKind,
+    Update,
+    Verdict,
+)
 
 
 def make_spec(**sel: int) -> RunSpec:
@@ -285,3 +292,21 @@ def test_an_aggregate_that_overflows_float32_is_not_committed() -> None:
     assert closed.status is RoundStatus.FAILED and "not finite" in closed.reason
     assert m.global_parameters.flat.tolist() == [0.0, 0.0]
     assert of(cmds, StartRound)[0].attempt == 2
+
+
+def test_after_a_restart_a_resent_update_of_the_committed_round_is_acknowledged() -> None:
+    """The coordinator committed round 1, then died before p0 heard its update was accepted;
+    resumed, it knows p0's digest from the ledger and says "already accepted", not "stale"."""
+    from conclave.core.rounds.resume import ResumePoint
+
+    m = RunMachine(run_id="r1", spec=make_spec(min_participants=2), initial=params(1.0, 1.0),
+                   resume=ResumePoint(completed_rounds=1, committed_digests={"p0": "abc"}))
+    m.handle(RunStarted())
+    m.handle(ParticipantJoined("p0"))
+    m.handle(ParticipantJoined("p1"))
+    assert m.round == 2
+    resent = update(m, "p0", (1.0, 2.0), 3, rnd=1)
+    cmds = m.handle(UpdateReceived(resent, "abc"))
+    assert cmds == [Reply(verdict=Verdict(accepted=True, reason="already accepted"))]
+    other = m.handle(UpdateReceived(resent, "different"))  # not the accepted one: stale
+    assert of(other, RecordContribution)[0].status is ContributionStatus.LATE

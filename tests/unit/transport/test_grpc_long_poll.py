@@ -78,3 +78,38 @@ def test_a_long_poll_over_the_limit_is_refused_as_busy_and_heartbeats_still_answ
         service.release.set()
         waiting.join(timeout=10)
         assert not waiting.is_alive()
+
+
+def test_one_participant_cannot_hold_every_long_poll_slot() -> None:
+    service = WaitingService()
+    server = GrpcServer(service, max_workers=40)  # 24 long-poll slots
+    server.start()
+    threads = []
+    try:
+        with GrpcCoordinatorClient(server.address, timeout_s=5.0) as greedy, \
+                GrpcCoordinatorClient(server.address, timeout_s=5.0) as honest:
+            for _ in range(4):
+                t = threading.Thread(target=greedy.fetch_task, args=("run-7", "hog", 20.0))
+                t.start()
+                threads.append(t)
+            end = time.monotonic() + 5
+            while _fetches(service) < 4:
+                assert time.monotonic() < end
+                time.sleep(0.01)
+            with pytest.raises(TransportError, match="'hog' already has 4 waiting calls"):
+                greedy.fetch_task("run-7", "hog", 20.0)
+            got: list[object] = []
+            waiting = threading.Thread(
+                target=lambda: got.append(honest.fetch_task("run-7", "p1", 20.0)))
+            waiting.start()  # another participant still finds a slot and waits in it
+            while _fetches(service) < 5:
+                assert time.monotonic() < end + 5 and waiting.is_alive()
+                time.sleep(0.01)
+            service.release.set()  # the run ends: every poll answers
+            waiting.join(timeout=10)
+            assert got and got[0].run_finished  # type: ignore[attr-defined]
+    finally:
+        service.release.set()
+        for t in threads:
+            t.join(timeout=10)
+        server.stop(grace_s=0)

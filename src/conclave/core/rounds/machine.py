@@ -124,6 +124,8 @@ class RunMachine(Submissions, SecureSteps, Resumption):
         """How many times this run was resumed: tasks re-issued after a restart are new."""
         if resume is not None:
             self._last_evaluation = {p: dict(m) for p, m in resume.last_evaluation.items()}
+            self._accepted_digests = {(resume.completed_rounds, p): d
+                                      for p, d in resume.committed_digests.items()}
 
     # -- queries ------------------------------------------------------------------------
     def task_for(self, participant: str) -> Task | None:

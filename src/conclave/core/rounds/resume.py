@@ -40,6 +40,10 @@ class ResumePoint:
     last_evaluation: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     evaluation_done: bool = True
     """Whether the evaluation due after ``completed_rounds`` (if any) was closed."""
+    committed_digests: Mapping[str, str] = field(default_factory=dict)
+    """Participant -> digest of its accepted update in round ``completed_rounds``: a
+    participant that never heard its update was accepted sends it again after the restart,
+    and is told "already accepted" rather than "stale"."""
     epoch: int = 1
 
 
@@ -70,6 +74,8 @@ class Resumption(RunState):
         self._arrivals = []
         for update in sorted(point.accepted, key=lambda u: u.participant):
             self._accept(update)
+            if update.digest:
+                self._accepted_digests[(update.round, update.participant)] = update.digest
         cmds: list[Command] = [ArmTimer(timer=Timer.FIT, round=self._round,
                                         attempt=self._attempt,
                                         timeout_s=self.spec.deadlines.round_timeout_s)]

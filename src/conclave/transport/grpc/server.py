@@ -43,6 +43,9 @@ _POLL_SLICE_S = 1.0
 """A long poll checks this often whether its caller is still there."""
 _SHORT_CALL_WORKERS = 16
 """Worker threads long polls may never take: Join, Heartbeat and uploads always find one."""
+_POLLS_PER_PARTICIPANT = 4
+"""Long polls one participant name may hold at once (an honest one holds one), so no single
+caller can take every long-poll slot from the others."""
 
 
 def _server_options(chunk_bytes: int) -> list[tuple[str, int]]:
@@ -115,18 +118,27 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         self._chunk_bytes = chunk_bytes
         self._poll_slots = threading.BoundedSemaphore(long_poll_slots)
         self._slot_count = long_poll_slots
+        self._polls_lock = threading.Lock()
+        self._polls_by: dict[str, int] = {}
 
-    def _long_poll(self, context: grpc.ServicerContext, wait_s: float,
+    def _long_poll(self, context: grpc.ServicerContext, participant: str, wait_s: float,
                    poll: Callable[[float], _R], ready: Callable[[_R], bool]) -> _R:
         """Wait up to ``wait_s`` (capped at MAX_LONG_POLL_S) for ``ready(poll(...))``, in
         slices, giving up as soon as the caller cancels or disconnects. Long polls hold a
         worker thread each, so only so many may wait at once; one more is refused as busy
         (RESOURCE_EXHAUSTED: the participant backs off and retries), never queued in front
         of heartbeats."""
-        if not self._poll_slots.acquire(blocking=False):
-            raise TransportError(
-                f"coordinator busy: {self._slot_count} calls are already waiting; retry later"
-            )
+        with self._polls_lock:
+            held = self._polls_by.get(participant, 0)
+            if held >= _POLLS_PER_PARTICIPANT:
+                raise TransportError(
+                    f"coordinator busy: {participant!r} already has {held} waiting calls"
+                )
+            if not self._poll_slots.acquire(blocking=False):
+                raise TransportError(
+                    f"coordinator busy: {self._slot_count} calls are already waiting; retry later"
+                )
+            self._polls_by[participant] = held + 1
         try:
             budget = min(wait_s, MAX_LONG_POLL_S) if math.isfinite(wait_s) and wait_s > 0 else 0.0
             end = time.monotonic() + budget
@@ -137,6 +149,12 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 if ready(result) or remaining <= 0 or not context.is_active():
                     return result
         finally:
+            with self._polls_lock:
+                left = self._polls_by[participant] - 1
+                if left:
+                    self._polls_by[participant] = left
+                else:
+                    del self._polls_by[participant]
             self._poll_slots.release()
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
@@ -165,7 +183,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             _check(request.protocol_version)
             fetch = serde.fetch_request_from_proto(request)
             assignment = self._long_poll(
-                context, fetch.wait_s,
+                context, fetch.participant, fetch.wait_s,
                 lambda wait: self._service.fetch_task(fetch.run_id, fetch.participant, wait),
                 lambda got: got.task is not None or got.run_finished,
             )
@@ -213,7 +231,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             _check(request.protocol_version)
             fetch = stage_serde.fetch_stage_request_from_proto(request)
             stage = self._long_poll(
-                context, fetch.wait_s,
+                context, fetch.participant, fetch.wait_s,
                 lambda wait: self._service.fetch_stage(
                     fetch.run_id, fetch.participant, fetch.round, fetch.step, wait),
                 lambda got: got.payload is not None or got.aborted,
