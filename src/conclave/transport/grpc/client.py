@@ -33,7 +33,7 @@ from conclave.transport.grpc.chunks import (
     default_stage_limit,
     message_limit,
 )
-from conclave.transport.grpc.status import error_for_rpc
+from conclave.transport.grpc.status import SESSION_KEY, error_for_rpc
 
 
 @contextmanager
@@ -86,10 +86,17 @@ class GrpcCoordinatorClient:
         self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._closed = False
+        self._session = ""
+        """The token the coordinator gave this process at its last Join (see ``SESSION_KEY``)."""
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((SESSION_KEY, self._session),) if self._session else ()
 
     def join(self, request: JoinRequest) -> JoinReply:
         with _translated("Join"):
-            reply = self._stub.Join(serde.join_request_to_proto(request), timeout=self._timeout_s)
+            reply, call = self._stub.Join.with_call(serde.join_request_to_proto(request),
+                                                    timeout=self._timeout_s)
+        self._session = dict(call.initial_metadata() or ()).get(SESSION_KEY, "")
         return serde.join_reply_from_proto(reply)
 
     def heartbeat(
@@ -97,14 +104,16 @@ class GrpcCoordinatorClient:
     ) -> HeartbeatReply:
         request = serde.heartbeat_request_to_proto(run_id, participant, telemetry, self._version)
         with _translated("Heartbeat"):
-            reply = self._stub.Heartbeat(request, timeout=self._timeout_s)
+            reply = self._stub.Heartbeat(request, timeout=self._timeout_s,
+                                         metadata=self._metadata())
         return serde.heartbeat_reply_from_proto(reply)
 
     def fetch_task(self, run_id: str, participant: str, wait_s: float) -> TaskAssignment:
         wait_s = max(0.0, wait_s)
         request = serde.fetch_request_to_proto(run_id, participant, wait_s, self._version)
         with _translated("FetchTask"):
-            stream = self._stub.FetchTask(request, timeout=wait_s + self._timeout_s)
+            stream = self._stub.FetchTask(request, timeout=wait_s + self._timeout_s,
+                                          metadata=self._metadata())
             try:
                 return serde.assignment_from_messages(stream, max_bytes=self._max_model_bytes)
             finally:
@@ -113,19 +122,22 @@ class GrpcCoordinatorClient:
     def submit_update(self, update: Update) -> Verdict:
         messages = serde.update_messages(update, self._chunk_bytes, self._version)
         with _translated("SubmitUpdate"):
-            reply = self._stub.SubmitUpdate(messages, timeout=self._timeout_s)
+            reply = self._stub.SubmitUpdate(messages, timeout=self._timeout_s,
+                                            metadata=self._metadata())
         return serde.verdict_from_proto(reply)
 
     def submit_evaluation(self, evaluation: Evaluation) -> Verdict:
         request = serde.evaluation_to_proto(evaluation, self._version)
         with _translated("SubmitEvaluation"):
-            reply = self._stub.SubmitEvaluation(request, timeout=self._timeout_s)
+            reply = self._stub.SubmitEvaluation(request, timeout=self._timeout_s,
+                                                metadata=self._metadata())
         return serde.verdict_from_proto(reply)
 
     def decline_task(self, declined: Declined) -> Verdict:
         request = serde.declined_to_proto(declined, self._version)
         with _translated("DeclineTask"):
-            reply = self._stub.DeclineTask(request, timeout=self._timeout_s)
+            reply = self._stub.DeclineTask(request, timeout=self._timeout_s,
+                                           metadata=self._metadata())
         return serde.verdict_from_proto(reply)
 
     def fetch_stage(
@@ -136,7 +148,8 @@ class GrpcCoordinatorClient:
             run_id, participant, round, step, wait_s, self._version
         )
         with _translated("FetchStage"):
-            stream = self._stub.FetchStage(request, timeout=wait_s + self._timeout_s)
+            stream = self._stub.FetchStage(request, timeout=wait_s + self._timeout_s,
+                                           metadata=self._metadata())
             try:
                 return stage_serde.stage_from_messages(stream, max_bytes=self._max_stage_bytes)
             finally:
@@ -149,7 +162,8 @@ class GrpcCoordinatorClient:
             run_id, participant, round, step, payload, self._chunk_bytes, self._version
         )
         with _translated("SubmitStage"):
-            reply = self._stub.SubmitStage(messages, timeout=self._timeout_s)
+            reply = self._stub.SubmitStage(messages, timeout=self._timeout_s,
+                                           metadata=self._metadata())
         return serde.verdict_from_proto(reply)
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
-from conclave.core.errors import LocalProtocolError, TransportError
+from conclave.core.errors import LocalProtocolError, RemoteProtocolError, TransportError
 from conclave.core.ports import CoordinatorService
 from conclave.transport.grpc import conclave_pb2 as pb
 from conclave.transport.grpc import conclave_pb2_grpc as pb_grpc
@@ -31,7 +32,12 @@ from conclave.transport.grpc.chunks import (
     default_stage_limit,
     message_limit,
 )
-from conclave.transport.grpc.status import ERROR_CLASS_KEY, INTERNAL_DETAILS, status_for
+from conclave.transport.grpc.status import (
+    ERROR_CLASS_KEY,
+    INTERNAL_DETAILS,
+    SESSION_KEY,
+    status_for,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -120,6 +126,22 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         self._slot_count = long_poll_slots
         self._polls_lock = threading.Lock()
         self._polls_by: dict[str, int] = {}
+        self._sessions: dict[str, str] = {}
+        """Participant name -> the token of the process that joined under it last."""
+
+    def _check_session(self, context: grpc.ServicerContext, participant: str) -> None:
+        """Only the process that joined last under a name may act as that participant: one
+        that another process replaced (a restart elsewhere, a duplicate that waited its turn)
+        is told so instead of working on alongside it."""
+        expected = self._sessions.get(participant)
+        if expected is None:
+            return
+        got = dict(context.invocation_metadata()).get(SESSION_KEY, "")
+        if got != expected:
+            raise RemoteProtocolError(
+                f"participant {participant!r} has joined again from another process, which "
+                "replaced this one; stop this process (or restart it once the other is gone)"
+            )
 
     def _long_poll(self, context: grpc.ServicerContext, participant: str, wait_s: float,
                    poll: Callable[[float], _R], ready: Callable[[_R], bool]) -> _R:
@@ -161,6 +183,9 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         def call() -> pb.JoinReply:
             _check(request.protocol_version)
             reply = self._service.join(serde.join_request_from_proto(request))
+            token = secrets.token_hex(16)
+            self._sessions[request.participant] = token
+            context.send_initial_metadata(((SESSION_KEY, token),))
             return serde.join_reply_to_proto(reply)
 
         return _guarded(context, "Join", call)
@@ -171,6 +196,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         def call() -> pb.HeartbeatReply:
             _check(request.protocol_version)
             beat = serde.heartbeat_request_from_proto(request)
+            self._check_session(context, beat.participant)
             reply = self._service.heartbeat(beat.run_id, beat.participant, beat.telemetry)
             return serde.heartbeat_reply_to_proto(reply)
 
@@ -182,6 +208,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         def call() -> Iterator[pb.TaskMessage]:
             _check(request.protocol_version)
             fetch = serde.fetch_request_from_proto(request)
+            self._check_session(context, fetch.participant)
             assignment = self._long_poll(
                 context, fetch.participant, fetch.wait_s,
                 lambda wait: self._service.fetch_task(fetch.run_id, fetch.participant, wait),
@@ -200,17 +227,18 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             "SubmitUpdate",
             lambda: serde.update_from_messages(request_iterator, max_bytes=self._max_model_bytes),
         )
-        return _guarded(
-            context,
-            "SubmitUpdate",
-            lambda: serde.verdict_to_proto(self._service.submit_update(update)),
-        )
+        def call() -> pb.Verdict:
+            self._check_session(context, update.participant)
+            return serde.verdict_to_proto(self._service.submit_update(update))
+
+        return _guarded(context, "SubmitUpdate", call)
 
     def SubmitEvaluation(
         self, request: pb.EvaluationRequest, context: grpc.ServicerContext
     ) -> pb.Verdict:
         def call() -> pb.Verdict:
             _check(request.protocol_version)
+            self._check_session(context, request.participant)
             verdict = self._service.submit_evaluation(serde.evaluation_from_proto(request))
             return serde.verdict_to_proto(verdict)
 
@@ -219,6 +247,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     def DeclineTask(self, request: pb.DeclineRequest, context: grpc.ServicerContext) -> pb.Verdict:
         def call() -> pb.Verdict:
             _check(request.protocol_version)
+            self._check_session(context, request.participant)
             verdict = self._service.decline_task(serde.declined_from_proto(request))
             return serde.verdict_to_proto(verdict)
 
@@ -230,6 +259,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         def call() -> Iterator[pb.StageMessage]:
             _check(request.protocol_version)
             fetch = stage_serde.fetch_stage_request_from_proto(request)
+            self._check_session(context, fetch.participant)
             stage = self._long_poll(
                 context, fetch.participant, fetch.wait_s,
                 lambda wait: self._service.fetch_stage(
@@ -252,6 +282,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         )
 
         def call() -> pb.Verdict:
+            self._check_session(context, sub.participant)
             verdict = self._service.submit_stage(
                 sub.run_id, sub.participant, sub.round, sub.step, sub.payload
             )

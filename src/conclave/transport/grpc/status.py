@@ -24,6 +24,10 @@ from conclave.core.errors import (
 ERROR_CLASS_KEY = "conclave-error"
 """Trailing-metadata key naming the Conclave error class behind a failed call."""
 
+SESSION_KEY = "conclave-session"
+"""Metadata key of the token a Join hands to the joining process; the process sends it with
+every later call, so a process that another one (same name, new Join) replaced is told so."""
+
 INTERNAL_DETAILS = "internal error in the coordinator (details are in its log)"
 
 # Server side: the first row whose class matches wins, so subclasses come before bases.
