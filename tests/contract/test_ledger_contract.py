@@ -619,3 +619,22 @@ def test_participant_events_in_a_batch_keep_their_order(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="unknown run"):
         ledger.record_participant_events([dataclasses.replace(batch[0], run_id="nope")])
     assert list(ledger.participant_events(RUN)) == batch  # nothing of a refused batch
+
+
+def test_superseded_contributions_are_marked_and_keep_their_reason(ledger: Ledger) -> None:
+    ledger.create_run(make_run())
+    for rnd in (1, 2, 3):
+        ledger.record_contribution(contribution("a", ContributionStatus.ACCEPTED, rnd))
+        ledger.record_contribution(contribution("b", ContributionStatus.REJECTED, rnd, "NaN"))
+    ledger.supersede_contributions(RUN, 2, "attempt failed: quorum not reached")
+    by_round = {(c.round, c.participant): c for c in ledger.contributions(RUN)}
+    assert by_round[(2, "a")].status is ContributionStatus.SUPERSEDED
+    assert by_round[(2, "a")].reason == "attempt failed: quorum not reached"
+    assert by_round[(2, "b")].status is ContributionStatus.REJECTED  # only accepted ones
+    assert by_round[(1, "a")].status is by_round[(3, "a")].status is ContributionStatus.ACCEPTED
+    ledger.start_round(make_round(3))
+    ledger.invalidate_round(RUN, 3, "checkpoint unusable")
+    third = {c.participant: c for c in ledger.contributions(RUN, 3)}
+    assert third["a"].status is ContributionStatus.SUPERSEDED
+    assert third["a"].reason == "checkpoint unusable"
+    assert [c.status for c in ledger.contributions(RUN, 1)][0] is ContributionStatus.ACCEPTED

@@ -315,6 +315,11 @@ class Coordinator(ParticipantEndpoints):
                 self._close_timing(r, kind, now, metrics)
                 if status is RoundStatus.FAILED:
                     logger.warning("round %d failed: %s", r, reason)
+                    if kind is TaskKind.FIT:  # what that attempt accepted is in no model
+                        self._ledger.supersede_contributions(self.run_id, r,
+                                                             f"attempt failed: {reason}")
+                        if self._spool:
+                            self._ledger.clear_spool(self.run_id, r)
             case FinishRun(rounds_committed=n, final_evaluation=final):
                 self._final_evaluation = {p: dict(m) for p, m in final.items()}
                 self._finish(RunStatus.FINISHED, f"{n} round(s) committed")

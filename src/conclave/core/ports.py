@@ -114,8 +114,14 @@ class Ledger(Protocol):
         ...
 
     def invalidate_round(self, run_id: str, round: int, reason: str) -> None:
-        """Mark ``round`` and every later round FAILED with ``reason`` and forget their
-        checkpoints, so they can be run again (recovery from a corrupt checkpoint)."""
+        """Mark ``round`` and every later round FAILED with ``reason``, their accepted
+        contributions SUPERSEDED, and forget their checkpoints, so they can be run again
+        (recovery from a corrupt checkpoint)."""
+        ...
+
+    def supersede_contributions(self, run_id: str, round: int, reason: str) -> None:
+        """Mark the accepted FIT contributions of ``round`` SUPERSEDED (their attempt failed:
+        they are in no model), adding ``reason`` to theirs."""
         ...
 
     def rounds(self, run_id: str) -> Sequence[RoundRecord]: ...

@@ -42,6 +42,8 @@ class ContributionStatus(enum.Enum):
     REJECTED = "rejected"
     LATE = "late"
     DROPPED = "dropped"
+    SUPERSEDED = "superseded"
+    """Was accepted, but its attempt failed or its round was redone: in no model."""
 
 
 class RoundStatus(enum.Enum):

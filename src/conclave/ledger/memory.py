@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from conclave.core.errors import LedgerError
 from conclave.core.parameters import Parameters
@@ -21,7 +21,7 @@ from conclave.core.records import (
     RoundRecord,
     RunRecord,
 )
-from conclave.core.types import RoundStatus, RunStatus, TaskKind
+from conclave.core.types import ContributionStatus, RoundStatus, RunStatus, TaskKind
 from conclave.ledger.checkpoint_file import (
     decode_checkpoint,
     decode_checkpoint_with_state,
@@ -159,6 +159,21 @@ class MemoryLedger:
                         record, status=RoundStatus.FAILED, reason=reason)
             for r in [r for r in state.checkpoints if r >= round]:
                 del state.checkpoints[r]
+            self._supersede(state, lambda r: r >= round, reason)
+
+    def supersede_contributions(self, run_id: str, round: int, reason: str) -> None:
+        with self._lock:
+            self._supersede(self._run(run_id), lambda r: r == round, reason)
+
+    @staticmethod
+    def _supersede(state: _RunState, rounds: Callable[[int], bool], reason: str) -> None:
+        state.contributions[:] = [
+            dataclasses.replace(c, status=ContributionStatus.SUPERSEDED,
+                                reason=f"{c.reason}; {reason}" if c.reason else reason)
+            if rounds(c.round) and c.kind is TaskKind.FIT
+            and c.status is ContributionStatus.ACCEPTED else c
+            for c in state.contributions
+        ]
 
     def commit_round(
         self,

@@ -33,6 +33,7 @@ from conclave.core.records import (
     RunRecord,
 )
 from conclave.core.types import (
+    ContributionStatus,
     ParticipantState,
     RoundStatus,
     RunStatus,
@@ -289,6 +290,12 @@ class SqliteLedger(SqliteTransactions):
             )
             conn.execute("DELETE FROM checkpoints WHERE run_id = ? AND round >= ?",
                          (run_id, round))
+            _supersede(conn, run_id, "round >= ?", round, reason)
+
+    def supersede_contributions(self, run_id: str, round: int, reason: str) -> None:
+        with self._write(f"supersede contributions of round {round} of run {run_id!r}") as conn:
+            self._require_run(conn, run_id)
+            _supersede(conn, run_id, "round = ?", round, reason)
 
     def commit_round(
         self,
@@ -456,6 +463,17 @@ class SqliteLedger(SqliteTransactions):
             path=str(self._state_dir / row[3]),
             nbytes=row[4],
         )
+
+
+def _supersede(conn: sqlite3.Connection, run_id: str, where: str, round: int,
+               reason: str) -> None:
+    conn.execute(
+        "UPDATE contributions SET status = ?, "
+        "reason = CASE WHEN reason = '' THEN ? ELSE reason || '; ' || ? END "
+        f"WHERE run_id = ? AND {where} AND kind = ? AND status = ?",
+        (ContributionStatus.SUPERSEDED.value, reason, reason, run_id, round,
+         TaskKind.FIT.value, ContributionStatus.ACCEPTED.value),
+    )
 
 
 def _lock_state_dir(state_dir: Path) -> int:

@@ -138,4 +138,14 @@ drop_probability = 0.3
     result = Simulation(spec=spec, ledger=ledger, factory=make_trainer).run()
     assert result.summary["status"] == "finished", result.summary["reason"]
     fits = [r for r in ledger.rounds(result.run_id) if r.kind is TaskKind.FIT]
-    assert any(r.attempt > 1 and r.status is RoundStatus.COMMITTED for r in fits)
+    retried = [r.round for r in fits if r.attempt > 1 and r.status is RoundStatus.COMMITTED]
+    assert retried
+    # what a failed attempt accepted is in no model: marked superseded, with the reason
+    superseded = [c for c in ledger.contributions(result.run_id, retried[0])
+                  if c.status is ContributionStatus.SUPERSEDED]
+    assert superseded and all("attempt failed: quorum not reached" in c.reason
+                              for c in superseded)
+    accepted = [c for c in ledger.contributions(result.run_id, retried[0])
+                if c.status is ContributionStatus.ACCEPTED and c.kind is TaskKind.FIT]
+    committed = next(r for r in fits if r.round == retried[0] and r.status is RoundStatus.COMMITTED)
+    assert len(accepted) == committed.metrics["contributions"]
