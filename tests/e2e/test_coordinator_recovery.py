@@ -97,6 +97,7 @@ def test_killed_coordinator_resumes_to_the_same_model(tmp_path: Path, point: str
     assert "resuming run" in text
     summary = json.loads((state / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_committed"] == 4
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4]  # both processes' rounds
     assert summary["model_digest"] == _reference(tmp_path, spec)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from conclave.coordinator.endpoints import ParticipantEndpoints
 from conclave.core.aggregation.fedavg import WeightedMean
+from conclave.core.errors import LedgerError
 from conclave.core.parameters import Parameters
 from conclave.core.ports import Ledger
 from conclave.core.records import ContributionRecord, ParticipantEvent, RoundRecord, RunRecord
@@ -388,12 +389,24 @@ class Coordinator(ParticipantEndpoints):
         ))
 
     # -- results ------------------------------------------------------------------------
+    def _committed_rounds(self) -> list[dict[str, Any]]:
+        """The committed FIT rounds with their seconds and metrics: read from the ledger, so a
+        resumed run lists the rounds of every process that ran it (this process's own
+        timings if the ledger is already closed)."""
+        try:
+            records = [r for r in self._ledger.rounds(self.run_id)
+                       if r.kind is TaskKind.FIT and r.status is RoundStatus.COMMITTED]
+        except LedgerError:
+            return [_round_row(t.round, t.started_at, t.finished_at, t.metrics)
+                    for t in self._timings if t.kind is TaskKind.FIT and t.finished_at]
+        return [_round_row(r.round, r.started_at, r.finished_at, r.metrics)
+                for r in sorted(records, key=lambda r: r.round)]
+
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` holds."""
         with self._cond:
             per = {p: dict(m) for p, m in sorted(self._final_evaluation.items())}
             accs = [m["accuracy"] for m in per.values() if "accuracy" in m]
-            fit = [t for t in self._timings if t.kind is TaskKind.FIT and t.finished_at]
             return {
                 "run_id": self.run_id,
                 "name": self.spec.name,
@@ -407,12 +420,14 @@ class Coordinator(ParticipantEndpoints):
                     "mean_accuracy": sum(accs) / len(accs) if accs else None,
                     "per_participant": per,
                 },
-                "rounds": [
-                    {"round": t.round, "seconds": (t.finished_at or t.started_at) - t.started_at,
-                     "metrics": t.metrics}
-                    for t in fit
-                ],
+                "rounds": self._committed_rounds(),
             }
+
+
+def _round_row(round_: int, started_at: float, finished_at: float | None,
+               metrics: Mapping[str, float]) -> dict[str, Any]:
+    return {"round": round_, "seconds": (finished_at or started_at) - started_at,
+            "metrics": dict(metrics)}
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:
