@@ -12,8 +12,8 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from conclave.core.errors import ConclaveError, ConfigError
-from conclave.core.types import PROTOCOL_VERSION
 from conclave.core.spec import NAME_RULE, RunSpec, is_valid_name
+from conclave.core.types import PROTOCOL_VERSION
 
 logger = logging.getLogger("conclave.cli")
 

@@ -103,7 +103,8 @@ class ParticipantEndpoints(ABC):
                     f"unknown participant {name!r}: not enrolled in this federation"
                 )
             self._check_not_impersonated(name, identity)
-            state = ParticipantState.REJOINED if name in self._ever_joined else ParticipantState.JOINED
+            state = (ParticipantState.REJOINED if name in self._ever_joined
+                     else ParticipantState.JOINED)
             caps = ", ".join(f"{k}={v}" for k, v in sorted(request.capabilities.items()))
             if len(caps) > _MAX_CAPABILITIES_CHARS:
                 caps = f"{caps[:_MAX_CAPABILITIES_CHARS]}... ({len(caps)} characters)"

@@ -305,7 +305,9 @@ class ParticipantAgent:
                 f"{self.name}: trainer.{task.kind.value} failed: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def _start_secure(self, task: Task, setup: bytes, fit: FitResult) -> StageMessage | Declined | None:
+    def _start_secure(
+        self, task: Task, setup: bytes, fit: FitResult
+    ) -> StageMessage | Declined | None:
         try:
             self.session = SecureSession(name=self.name, task=task, setup_payload=setup,
                                          identity=self._identity,

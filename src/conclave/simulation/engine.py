@@ -25,12 +25,10 @@ from conclave.core.spec import RunSpec
 from conclave.core.types import (
     Config,
     EvaluateResult,
-    Evaluation,
     FitResult,
     SecAggStep,
     Task,
     TrainerContext,
-    Update,
 )
 from conclave.participant.agent import Answer, ParticipantAgent, build_trainer
 from conclave.participant.secure import StageMessage

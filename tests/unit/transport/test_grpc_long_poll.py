@@ -12,7 +12,6 @@ from conftest import FakeService
 from conclave.core.errors import TransportError
 from conclave.core.types import TaskAssignment
 from conclave.transport.grpc import GrpcCoordinatorClient, GrpcServer
-from conclave.transport.grpc import conclave_pb2 as pb
 from conclave.transport.grpc import conclave_pb2_grpc as pb_grpc
 from conclave.transport.grpc.serde import fetch_request_to_proto
 
