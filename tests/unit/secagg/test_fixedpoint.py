@@ -80,3 +80,19 @@ def test_weighted_encoding_of_a_change_against_a_base() -> None:
     with pytest.raises(InvalidUpdate, match="NaN"):
         codec.encode_weighted(np.array([np.inf], dtype=np.float32), 1.0, 1.0,
                               base=np.zeros(1, dtype=np.float32))
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_rounding_matches_rint_clip_and_cast_including_ties_and_ends(bits: int) -> None:
+    codec = FixedPointCodec(clip=2.0, bits=bits, max_summands=7)
+    rng = np.random.default_rng(bits)
+    levels = rng.integers(0, codec.levels, 1000).astype(np.float64)
+    ties = np.concatenate([levels + 0.5, levels - 0.5, levels + 0.4999, [0.0, 0.5, 1.5]])
+    values = ties * codec.step - 2.0  # back to the value domain
+    values = np.concatenate([values, [-2.0, 2.0, -9.0, 9.0, 1e-300, -1e-300]])
+    got = codec.encode(values)
+    x = np.clip(values, -2.0, 2.0) + 2.0
+    x /= codec.step
+    expected = np.clip(np.rint(x), 0, codec.levels).astype(codec.dtype)
+    assert got.dtype == codec.dtype and np.array_equal(got, expected)
+    assert got.max() <= codec.levels
