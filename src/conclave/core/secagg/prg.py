@@ -21,6 +21,7 @@ from conclave.core.errors import LocalProtocolError
 SEED_BYTES = 32
 _ZERO_NONCE = bytes(16)
 _BLOCK = 1 << 20  # bytes encrypted per update_into call
+_ZEROS = memoryview(bytes(_BLOCK))
 
 
 def expand_bytes(seed: bytes, nbytes: int) -> bytes:
@@ -49,11 +50,10 @@ def _keystream(seed: bytes, nbytes: int) -> bytearray:
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
     out = bytearray(nbytes + 15)  # update_into needs room for one extra block
     view = memoryview(out)
-    zeros = bytes(min(_BLOCK, nbytes))
     done = 0
     while done < nbytes:
         step = min(_BLOCK, nbytes - done)
-        written = encryptor.update_into(zeros[:step], view[done:])
+        written = encryptor.update_into(_ZEROS[:step], view[done:])  # a view: no copy
         done += written
     del view
     del out[nbytes:]
