@@ -259,7 +259,7 @@ def _crash_hook(spec: str | None) -> Callable[[SecAggStep | str, int], bool | No
 def _join_with_retry(agent: ParticipantAgent, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     backoff = 0.1
-    told = False
+    first: TransportError | None = None
     while True:
         try:
             agent.join()
@@ -267,11 +267,14 @@ def _join_with_retry(agent: ParticipantAgent, timeout_s: float) -> None:
         except TransportError as exc:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if first is not None and str(first) != str(exc):
+                    raise TransportError(f"could not join within {timeout_s:g} s: first "
+                                         f"{first}; last {exc}") from exc
                 raise
-            if not told:
+            if first is None:
                 print(f"{agent.name}: cannot join yet ({exc}); retrying for up to "
                       f"{remaining:.3g} s", file=sys.stderr, flush=True)
-                told = True
+                first = exc
             time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, 2.0)
 

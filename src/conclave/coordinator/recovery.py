@@ -77,6 +77,7 @@ def recover(ledger: Ledger, run: RunRecord) -> Recovered:
     evaluations = [r for r in rounds if r.kind is TaskKind.EVALUATE
                    and r.status is RoundStatus.COMMITTED]
     last_eval = _evaluations(ledger, run_id, evaluations[-1]) if evaluations else {}
+    last_eval_round = evaluations[-1].round if evaluations else 0
     evaluation_done = any(r.round == completed for r in evaluations)
     committed = {c.participant: c.digest for c in ledger.contributions(run_id, completed)
                  if c.kind is TaskKind.FIT and c.status is ContributionStatus.ACCEPTED
@@ -85,6 +86,7 @@ def recover(ledger: Ledger, run: RunRecord) -> Recovered:
         return Recovered(run=run, parameters=parameters, problems=problems,
                          strategy_state=strategy_state, point=ResumePoint(
                              completed_rounds=completed, last_evaluation=last_eval,
+                             last_evaluation_round=last_eval_round,
                              evaluation_done=evaluation_done, committed_digests=committed))
     current = in_progress[-1]
     answered, accepted = _answers(ledger, run_id, current)
@@ -94,8 +96,8 @@ def recover(ledger: Ledger, run: RunRecord) -> Recovered:
         accepted=tuple(accepted),
         evaluations=_evaluations(ledger, run_id, current) if current.kind is TaskKind.EVALUATE
         else {},
-        last_evaluation=last_eval, evaluation_done=evaluation_done,
-        committed_digests=committed,
+        last_evaluation=last_eval, last_evaluation_round=last_eval_round,
+        evaluation_done=evaluation_done, committed_digests=committed,
     )
     return Recovered(run=run, parameters=parameters, point=point, problems=problems,
                      strategy_state=strategy_state)

@@ -199,6 +199,14 @@ def test_full_run_with_final_evaluation() -> None:
     fin = of(cmds, FinishRun)[0]
     assert fin.rounds_committed == 2 and fin.final_evaluation["a"]["accuracy"] == 0.8
     assert m.finished
+    # b lost our reply and sends the same answer again: acknowledged, nothing recorded
+    again = m.handle(EvaluationReceived(Evaluation(run_id="r1", round=2, participant="b",
+                                                   loss=1.0, num_examples=30,
+                                                   metrics={"accuracy": 0.4})))
+    assert again == [Reply(verdict=Verdict(accepted=True, reason="already accepted"))]
+    other = m.handle(EvaluationReceived(Evaluation(run_id="r1", round=2, participant="b",
+                                                   loss=0.9, num_examples=30)))
+    assert of(other, Reply)[0].verdict.accepted is False
 
 
 def test_selection_is_deterministic_and_independent_of_join_order() -> None:

@@ -104,6 +104,7 @@ class RunMachine(Submissions, SecureSteps, Resumption):
         self._metric_sums = {}
         self._evaluations = {}
         self._last_evaluation = {}
+        self._last_evaluation_round = 0
         self._committed = completed_rounds
         self._identity = {}
         self._secure = None
@@ -124,6 +125,7 @@ class RunMachine(Submissions, SecureSteps, Resumption):
         """How many times this run was resumed: tasks re-issued after a restart are new."""
         if resume is not None:
             self._last_evaluation = {p: dict(m) for p, m in resume.last_evaluation.items()}
+            self._last_evaluation_round = resume.last_evaluation_round
             self._accepted_digests = {(resume.completed_rounds, p): d
                                       for p, d in resume.committed_digests.items()}
 
@@ -413,6 +415,7 @@ class RunMachine(Submissions, SecureSteps, Resumption):
                 metrics["mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)
         metrics["participants"] = float(len(results))
         self._last_evaluation = dict(results)
+        self._last_evaluation_round = self._round
         cmds: list[Command] = [CloseRound(round=self._round, kind=TaskKind.EVALUATE,
                                           status=RoundStatus.COMMITTED, metrics=metrics)]
         return cmds + self._next_round()

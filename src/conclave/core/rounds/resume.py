@@ -38,6 +38,8 @@ class ResumePoint:
     evaluations: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     """EVALUATE: the results of the round in progress received so far."""
     last_evaluation: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    last_evaluation_round: int = 0
+    """The round ``last_evaluation`` belongs to (0: none yet)."""
     evaluation_done: bool = True
     """Whether the evaluation due after ``completed_rounds`` (if any) was closed."""
     committed_digests: Mapping[str, str] = field(default_factory=dict)

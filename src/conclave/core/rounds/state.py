@@ -39,6 +39,7 @@ class RunState(ABC):
     _metric_sums: dict[str, tuple[float, int]]
     _evaluations: dict[str, dict[str, float]]
     _last_evaluation: dict[str, dict[str, float]]
+    _last_evaluation_round: int
     _committed: int
     _identity: dict[str, bytes]
     _secure: SecureRound | None

@@ -38,6 +38,14 @@ class Submissions(RunState):
             return f"duplicate submission: {participant} already answered {kind.value} round {round}"
         return ""
 
+    def _already_evaluated(self, evaluation: Evaluation) -> bool:
+        """``evaluation`` repeats an answer accepted in the last closed evaluation round."""
+        if evaluation.round != self._last_evaluation_round:
+            return False
+        known = self._last_evaluation.get(evaluation.participant)
+        return known is not None and known.get("loss") == float(evaluation.loss) and (
+            known.get("num_examples") == float(evaluation.num_examples))
+
     def _update(self, update: Update, digest: str) -> list[Command]:
         if digest and self._accepted_digests.get((update.round, update.participant)) == digest:
             # The same update again (the participant lost our answer): accepted, once.
@@ -94,6 +102,9 @@ class Submissions(RunState):
         return metrics
 
     def _evaluation(self, evaluation: Evaluation) -> list[Command]:
+        if self._already_evaluated(evaluation):
+            # the same answer again (the participant lost our reply, or we restarted)
+            return [Reply(verdict=Verdict(accepted=True, reason="already accepted"))]
         reason = self._check_submission(TaskKind.EVALUATE, evaluation.participant, evaluation.round)
         metrics = _finite(evaluation.metrics)
         invalid = False
