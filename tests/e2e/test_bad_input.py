@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from procs import coordinator_address as _address
 
 from conclave.core.errors import RemoteProtocolError
 from conclave.core.parameters import Parameters
@@ -69,17 +70,6 @@ def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "conclave", *args],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
-def _address(log: Path, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> str:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        for line in log.read_text().splitlines():
-            if line.startswith("coordinator listening on "):
-                return line.split()[3]
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.05)
-    raise AssertionError("coordinator did not print its address")
 
 
 def _task(client: GrpcCoordinatorClient, run_id: str, kind: TaskKind, round_: int) -> Task:

@@ -5,7 +5,6 @@ bit-identical to an uninterrupted run's."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import coordinator_address as _address
+from procs import spawn as _spawn
 
 pytestmark = pytest.mark.e2e
 
@@ -33,24 +34,6 @@ def _spec(tmp: Path, secure: bool, momentum: bool = False) -> Path:
     path = tmp / ("secure.toml" if secure else "momentum.toml" if momentum else "plain.toml")
     path.write_text(text)
     return path
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "conclave", *args],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
-def _address(log: Path, proc: subprocess.Popen[bytes]) -> str:
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        for line in log.read_text().splitlines():
-            if line.startswith("coordinator listening on "):
-                return line.split()[3]
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.05)
-    raise AssertionError("no address")
 
 
 def _reference(tmp: Path, spec: Path) -> str:

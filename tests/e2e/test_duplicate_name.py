@@ -6,24 +6,15 @@ of working on alongside its replacement."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from procs import spawn as _spawn
 
 pytestmark = pytest.mark.e2e
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "conclave", *args],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
 
 def _wait_for(pattern: str, log: Path, timeout_s: float = 60) -> re.Match[str]:
     end = time.monotonic() + timeout_s

@@ -6,7 +6,6 @@ rejoin, and accuracy stays within 0.02 of a fault-free run."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import spawn as _spawn
 
 from conclave.core.types import ContributionStatus, TaskKind
 from conclave.ledger.sqlite import SqliteLedger
@@ -36,13 +36,6 @@ def _spec(tmp: Path, rounds: int, per_round: int, min_participants: int) -> Path
     path = tmp / "churn.toml"
     path.write_text(text)
     return path
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "conclave", *args],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
 def _run_with_deaths(tmp_path: Path, spec: Path, rounds: int) -> list[tuple[str, int]]:

@@ -6,14 +6,14 @@ and the run's accuracy must match the plain run within 0.01."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from procs import coordinator_address as _address
+from procs import spawn as _spawn
 
 from conclave.core.types import ContributionStatus, TaskKind
 from conclave.ledger.sqlite import SqliteLedger
@@ -22,24 +22,6 @@ pytestmark = pytest.mark.e2e
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fed-heart-disease.toml"
 KILLED, KILL_ROUND = "hospital-1", 3
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "conclave", *args],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
-def _address(log: Path, proc: subprocess.Popen[bytes]) -> str:
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        for line in log.read_text().splitlines():
-            if line.startswith("coordinator listening on "):
-                return line.split()[3]
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.05)
-    raise AssertionError("no address")
 
 
 def test_secure_round_survives_a_participant_killed_mid_protocol(tmp_path: Path) -> None:
