@@ -4,9 +4,11 @@ log file, and read the address a coordinator printed."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -29,3 +31,12 @@ def coordinator_address(log: Path, proc: subprocess.Popen[bytes], timeout_s: flo
         assert proc.poll() is None, log.read_text()
         time.sleep(0.05)
     raise AssertionError(f"the coordinator printed no address:\n{log.read_text()}")
+
+
+def kill_all(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """Kill whatever is still running (a paused process is woken first) and reap it."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from procs import coordinator_address as _address
+from procs import kill_all
 from procs import spawn as _spawn
 
 pytestmark = pytest.mark.e2e
@@ -72,10 +73,7 @@ def test_killed_coordinator_resumes_to_the_same_model(tmp_path: Path, point: str
         for p in procs[1:5]:
             assert p.wait(timeout=60) == 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(procs)
     text = log.read_text()
     assert "resuming run" in text
     summary = json.loads((state / "summary.json").read_text())
@@ -118,10 +116,7 @@ def test_a_coordinator_stopped_by_sigterm_is_resumed_by_the_same_command(tmp_pat
         for p in procs[1:5]:
             assert p.wait(timeout=60) == 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(procs)
     assert "resuming run" in log.read_text()
     summary = json.loads((state / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_committed"] == 40

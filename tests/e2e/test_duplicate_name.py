@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import kill_all
 from procs import spawn as _spawn
 
 pytestmark = pytest.mark.e2e
@@ -71,10 +72,6 @@ lost_after_heartbeats = 40
         assert coord.wait(timeout=120) == 0, clog.read_text()
         assert second.wait(timeout=30) == 0, second_log.read_text()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.kill()
-                p.wait()
+        kill_all(procs)
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_committed"] == 200

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import kill_all
 from procs import spawn as _spawn
 
 from conclave.core.types import ContributionStatus, TaskKind
@@ -80,10 +81,7 @@ def _run_with_deaths(tmp_path: Path, spec: Path, rounds: int) -> list[tuple[str,
             time.sleep(0.05)
         assert coord.wait(timeout=30) == 0, clog.read_text()
     finally:
-        for proc in [coord, *procs.values()]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        kill_all([coord, *procs.values()])
 
     return deaths
 
