@@ -99,3 +99,51 @@ def test_config_defaults_and_validation() -> None:
         SecAggConfig.create(
             run_id="r", round=0, participants=["a", "b"], graph_seed=bytes(32), vector_length=0
         )
+
+
+def test_libsodium_agreement_matches_rfc7748_as_computed_by_openssl() -> None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    for i in range(5):
+        a, b = bytes([i + 1]) * 32, bytes(range(i, i + 32))
+        a_pub, b_pub = keys.x25519_public(a), keys.x25519_public(b)
+        assert a_pub == X25519PrivateKey.from_private_bytes(a).public_key().public_bytes_raw()
+        openssl = X25519PrivateKey.from_private_bytes(a).exchange(
+            X25519PublicKey.from_public_bytes(b_pub))
+        assert keys.agree(a, b_pub) == openssl == keys.agree(b, a_pub)
+
+
+def test_agreement_rejects_malformed_and_low_order_public_keys() -> None:
+    own = bytes(range(32))
+    with pytest.raises(RemoteProtocolError, match="unusable X25519"):
+        keys.agree(own, b"\x01" * 31)
+    for low_order in (bytes(32), b"\x01" + bytes(31)):  # the points 0 and 1
+        with pytest.raises(RemoteProtocolError, match="unusable X25519"):
+            keys.agree(own, low_order)
+
+
+def test_advert_signature_check_takes_raw_keys_and_rejects_malformed_signatures() -> None:
+    identity = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    raw = identity.public_key().public_bytes_raw()
+    payload = keys.advert_payload("run", 1, "alice", b"c" * 32, b"s" * 32)
+    sig = keys.sign_advert(identity, payload)  # signed by OpenSSL, checked by libsodium
+    keys.verify_advert(raw, payload, sig)
+    for bad in (sig[:-1], sig + b"\x00", bytes(64), sig[:32] + bytes(32)):
+        with pytest.raises(RemoteProtocolError, match="signature"):
+            keys.verify_advert(raw, payload, bad)
+    with pytest.raises(RemoteProtocolError, match="signature"):
+        keys.verify_advert(raw[:31], payload, sig)
+
+
+def test_derive_is_rfc5869_hkdf_sha256() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    for secret, label, ctx in ((bytes(32), b"a", b""), (b"\xff" * 32, b"label", b"ctx" * 40),
+                               (b"x", b"", b"")):
+        reference = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                         info=label + ctx).derive(secret)
+        assert keys.derive(secret, label, ctx) == reference

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from conclave.core.errors import (
     AggregationError,
@@ -315,8 +314,8 @@ class SecAggCoordinator:
                 seed = keys.self_mask_seed(secret, cfg.context)
                 total -= prg.expand(seed, cfg.vector_length, cfg.dtype)
                 continue
-            s_private = X25519PrivateKey.from_private_bytes(secret)
-            if keys.public_bytes(s_private) != self._adverts[owner].s_public:
+            s_private = bytes(secret)
+            if keys.x25519_public(s_private) != self._adverts[owner].s_public:
                 raise AggregationError(
                     f"reconstructed mask key of {owner!r} does not match its advert"
                 )
