@@ -102,3 +102,11 @@ def test_malformed_share_is_a_remote_error() -> None:
         shamir.reconstruct_secret(
             [shares[0], shamir.Share(x=2, data=b"")], threshold=2, secret_len=32
         )
+
+
+def test_batch_inverse_matches_fermat_inverses() -> None:
+    from conclave.core.secagg.shamir import PRIME, _batch_inverse
+
+    values = [1, 2, 3, PRIME - 1, 12345, 2**30 + 7]
+    assert _batch_inverse(values) == [pow(v, PRIME - 2, PRIME) for v in values]
+    assert _batch_inverse([]) == []

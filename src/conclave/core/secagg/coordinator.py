@@ -95,6 +95,7 @@ class SecAggCoordinator:
         self._masked: set[str] = set()
         self._masked_sum: npt.NDArray[np.unsignedinteger] | None = None
         self._responders: set[str] = set()
+        self._dropped: frozenset[str] = frozenset()  # shared keys, sent no masked input
         self._revealed: dict[str, ShareKind] = {}
         self._shares: dict[str, dict[int, bytes]] = {}  # owner -> x -> share data
         self._lagrange = shamir.LagrangeCache()
@@ -206,7 +207,7 @@ class SecAggCoordinator:
     def close_masked_input(self) -> UnmaskRequest:
         """End MASKED_INPUT; check every needed secret is recoverable; ask survivors to unmask."""
         u3 = self._close(Stage.MASKED_INPUT, Stage.UNMASK, frozenset(self._masked))
-        dropped = self._completions[Stage.SHARE] - u3
+        dropped = self._dropped = self._completions[Stage.SHARE] - u3
         t, graph = self._cfg.threshold, self._cfg.graph
         short = [u for u in sorted(u3) if len(graph[u] & u3) < t]
         short += [d for d in sorted(dropped) if 0 < len(graph[d] & u3) < t]
@@ -244,8 +245,7 @@ class SecAggCoordinator:
 
     def receive_unmask_response(self, msg: UnmaskResponse) -> None:
         who = self._admit(Stage.UNMASK, msg.run_id, msg.round, msg.participant, self._responders)
-        u3 = self._completions[Stage.MASKED_INPUT]
-        dropped = self._completions[Stage.SHARE] - u3
+        u3, dropped = self._completions[Stage.MASKED_INPUT], self._dropped
         mine = self._cfg.graph[who]
         accepted: list[tuple[str, ShareKind, bytes]] = []
         with self._blame(who):
@@ -304,8 +304,10 @@ class SecAggCoordinator:
         total = (np.zeros(cfg.vector_length, dtype=cfg.dtype) if self._masked_sum is None
                  else self._masked_sum.copy())
         for owner in owners:
+            held = self._shares[owner]
+            lowest = sorted(held)[: cfg.threshold]  # reconstruct_secret uses the t lowest x
             secret = shamir.reconstruct_secret(
-                [shamir.Share(x=x, data=d) for x, d in self._shares[owner].items()],
+                [shamir.Share(x=x, data=held[x]) for x in lowest],
                 threshold=cfg.threshold,
                 secret_len=SECRET_BYTES,
                 cache=self._lagrange,

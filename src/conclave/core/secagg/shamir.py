@@ -128,7 +128,8 @@ def reconstruct_secret(
             raise RemoteProtocolError(
                 f"share for x={share.x} has {len(share.data)} bytes, expected {expected}"
             )
-    values = np.stack([np.frombuffer(s.data, dtype="<u4") for s in chosen]).astype(np.uint64)
+    values = np.frombuffer(b"".join(s.data for s in chosen), dtype="<u4").reshape(
+        len(chosen), -1).astype(np.uint64)
     if np.any(values >= _P):
         raise RemoteProtocolError("share value outside the field")
     lam = (cache if cache is not None else LagrangeCache()).coefficients(xs)
@@ -147,9 +148,23 @@ def lagrange_at_zero(xs: tuple[int, ...]) -> U64:
     np.fill_diagonal(num, 1)
     numerators = _prod_rows(num)
     denominators = _prod_rows(diff)
-    inverses = np.array([pow(int(d), PRIME - 2, PRIME) for d in denominators], dtype=np.uint64)
+    inverses = np.array(_batch_inverse(denominators.tolist()), dtype=np.uint64)
     result: U64 = (numerators * inverses) % _P
     return result
+
+
+def _batch_inverse(values: list[int]) -> list[int]:
+    """Inverses mod p of non-zero ``values`` with one exponentiation (Montgomery's trick):
+    invert the product of all, then peel each value off with prefix products."""
+    prefix = [1] * (len(values) + 1)
+    for i, v in enumerate(values):
+        prefix[i + 1] = prefix[i] * v % PRIME
+    inv = pow(prefix[-1], PRIME - 2, PRIME)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inv * prefix[i] % PRIME
+        inv = inv * values[i] % PRIME
+    return out
 
 
 def _check_xs(xs: Sequence[int]) -> None:
