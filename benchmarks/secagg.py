@@ -11,7 +11,10 @@
    (benchmarks/peers), and the ratio of the time each framework adds for secure aggregation is
    printed too. Target: Flower's added time >= 10x Conclave's.
 
-Run: python benchmarks/secagg.py [--full] [--flower]
+3. With --deployment N, the same comparison as a deployment on this machine: the coordinator
+   behind gRPC and N `conclave participant` processes, each doing its own cryptography.
+
+Run: python benchmarks/secagg.py [--full] [--flower] [--deployment 100]
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from conclave.coordinator.service import RoundTiming
 from conclave.core.secagg import SecAggConfig, SecAggCoordinator, SecAggParticipant
 from conclave.core.secagg.fixedpoint import FixedPointCodec
 from conclave.core.spec import RunSpec
-from conclave.core.types import SecAggStep, TaskKind
+from conclave.core.types import SecAggStep, TaskKind, TrainerContext
 from conclave.ledger.memory import MemoryLedger
 from conclave.simulation.engine import Simulation
 from conclave.trainers.noise import make_trainer
@@ -189,6 +192,60 @@ def round_seconds(n: int, d: int, rounds: int, secure: bool, dropout: float = 0.
     return statistics.median(per_round[1:] or per_round)
 
 
+def deployment_round_seconds(n: int, d: int, rounds: int, secure: bool,
+                             k: int | None = None, t: int | None = None) -> float:
+    """Seconds per round (median, after round 1) of a real deployment on this machine: the
+    coordinator behind gRPC on 127.0.0.1 and n `conclave participant` processes with the noise
+    trainer, each doing its own cryptography in its own process."""
+    import subprocess
+    import tempfile
+
+    from conclave.coordinator.service import Coordinator
+    from conclave.ledger.sqlite import SqliteLedger
+    from conclave.transport.grpc.server import GrpcServer
+
+    text = SPEC.format(rounds=rounds, dim=d, n=n).split("[simulation]")[0]
+    text += "[deadlines]\nround_timeout_s = 600\n"
+    if secure:
+        text += "\n[secure_aggregation]\nstage_timeout_s = 600\n"
+        if k is not None:
+            text += f"neighbours = {k}\nthreshold = {t}\n"
+    spec = RunSpec.from_toml(text)
+    stamps: list[float] = []
+
+    def on_round(timing: RoundTiming) -> None:
+        if timing.kind is TaskKind.FIT:
+            stamps.append(time.perf_counter())
+
+    initial = make_trainer(TrainerContext(participant=None, seed=1,
+                                          options={"dim": str(d)})).get_weights()
+    with tempfile.TemporaryDirectory() as state:
+        ledger = SqliteLedger(Path(state))
+        coord = Coordinator(spec=spec, ledger=ledger, initial=initial, on_round=on_round)
+        server = GrpcServer(coord)
+        address = server.start()
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "conclave", "participant", "--coordinator", address,
+             "--name", f"p{i:03d}", "--trainer", "conclave.trainers.noise:make_trainer",
+             "--option", f"dim={d}", "--connect-timeout", "300"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i in range(n)]
+        try:
+            coord.start()
+            if not coord.wait(timeout_s=1800):
+                raise RuntimeError("deployment run did not finish")
+        finally:
+            for p in procs:
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            server.stop()
+            ledger.close()
+    per_round = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return statistics.median(per_round)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--full", action="store_true",
@@ -196,6 +253,9 @@ def main() -> None:
                          "dropout in (0, 10, 30 %%) (slow: many minutes)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--flower", action="store_true")
+    ap.add_argument("--deployment", type=int, default=0, metavar="N",
+                    help="also run N real participant processes over gRPC on this machine, "
+                         "plain and secure (N = 100: about three minutes)")
     ap.add_argument("--flower-repeats", type=int, default=3,
                     help="interleaved Conclave/Flower repeats for the side-by-side ratio")
     args = ap.parse_args()
@@ -249,6 +309,14 @@ def main() -> None:
         print(f"added time for secure aggregation, same k=4/t=3, median of "
               f"{args.flower_repeats}: flower {mf:.3f} s, conclave {mc:.3f} s -> "
               f"flower/conclave = {mf / max(mc, 1e-9):.1f}x (target >= 10x)")
+    if args.deployment:
+        n = args.deployment
+        dp = deployment_round_seconds(n, 100_000, args.rounds + 2, secure=False)
+        ds = deployment_round_seconds(n, 100_000, args.rounds + 2, secure=True)
+        d4 = deployment_round_seconds(n, 100_000, args.rounds + 2, secure=True, k=4, t=3)
+        print(f"deployment, {n} participant processes over gRPC, d=100k: plain {dp:.3f} s, "
+              f"SecAgg+ {ds:.3f} s ({ds / dp:.2f}x) with default k, {d4:.3f} s "
+              f"({d4 / dp:.2f}x) with k=4/t=3", flush=True)
     # The floor: a plain round plus only the cryptography the protocol mandates, spread perfectly
     # over every core. No implementation can beat it on this machine.
     cores = os.cpu_count() or 1
