@@ -100,14 +100,17 @@ def test_rounding_matches_rint_clip_and_cast_including_ties_and_ends(bits: int) 
 
 @pytest.mark.parametrize("bits", [32, 64])
 def test_weighted_encoding_stays_in_levels_at_the_extremes(bits: int) -> None:
-    """encode_weighted skips the final clip: its values must still land exactly on 0 and L."""
-    codec = FixedPointCodec(clip=3.0, bits=bits, max_summands=7)
-    x = np.array([3.0, -3.0, 1e30, -1e30, np.nextafter(3.0, 4.0), 0.0])
-    for weight in (0.0, 1.0, 5.0, 13.0):
-        enc = codec.encode_weighted(x, weight, 13.0)
-        assert enc.dtype == codec.dtype
-        assert int(enc.max()) <= codec.levels
+    """Values at the clip limits land exactly on L and 0, whatever float rounding does near L
+    (with 52 level bits, clip = 1.35 once rounded +clip to 2^52, which wrapped to 0)."""
+    for clip in (3.0, 1.35, 1.45, 2.7, 2.75, 2.9, 2.95, 5.35, 0.1, 1e-3):
+        codec = FixedPointCodec(clip=clip, bits=bits, max_summands=7)
+        x = np.array([clip, -clip, 1e30, -1e30, np.nextafter(clip, 2 * clip), 0.0])
+        for weight in (0.0, 1.0, 5.0, 13.0):
+            enc = codec.encode_weighted(x, weight, 13.0)
+            assert enc.dtype == codec.dtype
+            assert int(enc.max()) <= codec.levels
         full = codec.encode_weighted(x, 13.0, 13.0)
-        assert full[0] == full[2] == full[4] == codec.levels
+        assert full[0] == full[2] == full[4] == codec.levels, clip
         assert full[1] == full[3] == 0
         assert full[-1] == codec.levels  # the weight element: f * clip with f = 1
+        assert codec.encode_weighted(np.array([clip]), 2e5, 1e5 * 2)[0] == codec.levels

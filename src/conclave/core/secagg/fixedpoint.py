@@ -107,16 +107,16 @@ class FixedPointCodec:
         x /= self.step
         return self._to_ring(x)
 
-    def _to_ring(self, x: Floats, *, in_range: bool = False) -> RingArray:
+    def _to_ring(self, x: Floats) -> RingArray:
         """Round ``x`` (in levels, about ``[0, L]``) to the nearest integer, ties to even, and
         store it in the ring's dtype. Every level is below 2^52, so adding 2^52 makes float64
         do the rounding and leaves the integer in the low bits of the number's bit pattern:
         one pass instead of rint, then a slow float-to-integer cast.
 
-        ``in_range``: the caller guarantees ``-0.5 < x < L + 0.5`` (values computed from
-        clipped inputs, off by float rounding only), which rounds into [0, L] without a clip."""
-        if not in_range:
-            np.clip(x, 0.0, float(self.levels), out=x)
+        The clip is needed even for values computed from clipped inputs: with 52 level bits,
+        float rounding of ``(f * clip + clip) / step`` can land above L + 1/2 and round to 2^52,
+        which would wrap to 0."""
+        np.clip(x, 0.0, float(self.levels), out=x)
         x += _ROUNDING_MAGIC
         encoded: RingArray = x.view(np.uint64).astype(self.dtype)
         if self.dtype != np.uint64:
@@ -161,11 +161,10 @@ class FixedPointCodec:
             raise InvalidUpdate("update contains NaN or Inf")
         np.clip(body, -self.clip, self.clip, out=body)
         x[-1] = self.clip
-        # (f * v + clip) / step, as one multiply and one add; with |v| <= clip and f <= 1 the
-        # result lies in [0, L] up to float rounding
+        # (f * v + clip) / step, as one multiply and one add
         x *= (weight / max_weight) / self.step
         x += self.clip / self.step
-        return self._to_ring(x, in_range=True)
+        return self._to_ring(x)
 
     def decode_weighted_mean(self, total: RingArray, count: int) -> Floats:
         """Weighted mean of the clipped updates from the ring sum of ``count`` weighted encodings.
