@@ -426,9 +426,9 @@ def _secure(root: _Table, selection: SelectionSpec,
         root.seen.add("secure_aggregation")
         return None
     t = root.table("secure_aggregation")
-    if not t.raw("enabled", True):
-        t.seen.update(t.data)
-        return None
+    enabled = t.raw("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError("secure_aggregation.enabled", enabled, "true or false")
     bits = t.int("bits", 32, minimum=1)
     if bits not in (32, 64):
         raise ConfigError("secure_aggregation.bits", bits, "32 or 64")
@@ -438,43 +438,74 @@ def _secure(root: _Table, selection: SelectionSpec,
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):
             raise ConfigError(f"secure_aggregation.{key}", value, "an integer >= 1")
+    clip = t.float("clip_range", 4.0)
+    if not _CLIP_MIN <= clip <= _CLIP_MAX:
+        raise ConfigError("secure_aggregation.clip_range", clip,
+                          f"between {_CLIP_MIN:g} and {_CLIP_MAX:g} (beyond, the fixed-point "
+                          "step under- or overflows float64)")
     spec = SecureAggregationSpec(
         protocol=t.enum("protocol", SecAggProtocol, SecAggProtocol.SECAGG_PLUS),
-        neighbours=neighbours, threshold=threshold,
-        clip_range=t.float("clip_range", 4.0), bits=bits,
+        neighbours=neighbours, threshold=threshold, clip_range=clip, bits=bits,
         max_weight=t.int("max_weight", 100_000, minimum=1),
         stage_timeout_s=t.float("stage_timeout_s", 60.0),
     )
     t.check_unknown()
+    if not enabled:  # checked all the same, so switching it back on holds no surprise
+        return None
     _check_secure(spec, selection, federation)
     return spec
 
 
+_CLIP_MIN, _CLIP_MAX = 1e-20, 1e20
+
+
 def _check_secure(spec: SecureAggregationSpec, selection: SelectionSpec,
                   federation: FederationSpec) -> None:
-    """Check k and t against the largest round this spec can run (n known or bounded)."""
-    n = selection.participants_per_round or len(federation.participants) or 0
+    """Check k, t and max_weight against every round size this spec allows: a round runs with
+    between ``min_participants`` and ``participants_per_round`` (or every listed participant)."""
+    if selection.min_quorum < 2:
+        raise ConfigError("selection.min_quorum", selection.min_quorum,
+                          "at least 2 with secure aggregation (a sum of one is no secret)")
+    largest = selection.participants_per_round or len(federation.participants) or 0
+    smallest = max(selection.min_participants, 2)
     if spec.protocol is SecAggProtocol.SECAGG and spec.neighbours is not None:
         raise ConfigError("secure_aggregation.neighbours", spec.neighbours,
                           "unset for protocol 'secagg' (the complete graph)")
     k = spec.neighbours
-    if n >= 2:
-        full = n - 1
-        if k is None:
-            k = full if spec.protocol is SecAggProtocol.SECAGG else min(
-                full, 2 * math.ceil(3 * math.log2(n)))
-        elif k > full:
+    if largest >= 2 and k is not None:
+        full = largest - 1
+        if k > full:
             raise ConfigError("secure_aggregation.neighbours", k,
                               f"at most participants - 1 = {full}")
-        elif k < full and k % 2:
+        if k < full and k % 2:
             raise ConfigError("secure_aggregation.neighbours", k,
                               "an even number (or participants - 1 for the complete graph)")
-    if spec.threshold is not None and k is not None:
-        if not (k / 2 < spec.threshold <= k):
-            raise ConfigError("secure_aggregation.threshold", spec.threshold,
-                              f"more than neighbours/2 and at most neighbours (k = {k})")
-    if spec.threshold is not None and spec.threshold < 2:
-        raise ConfigError("secure_aggregation.threshold", spec.threshold, "at least 2")
-    if selection.min_quorum < 2:
-        raise ConfigError("selection.min_quorum", selection.min_quorum,
-                          "at least 2 with secure aggregation (a sum of one is no secret)")
+
+    def degree(n: int) -> int:  # the k a round of n participants uses
+        if k is not None:
+            return min(k, n - 1)
+        if spec.protocol is SecAggProtocol.SECAGG:
+            return n - 1
+        return min(n - 1, 2 * math.ceil(3 * math.log2(n)))
+
+    t = spec.threshold
+    if t is not None:
+        for n in sorted({smallest, largest} - {0, 1}):
+            kn = degree(n)
+            if not kn / 2 < t <= kn:
+                raise ConfigError(
+                    "secure_aggregation.threshold", t,
+                    f"more than neighbours/2 and at most neighbours in every round; a round of "
+                    f"{n} participants (selection.min_participants = "
+                    f"{selection.min_participants}) has k = {kn}")
+        if t < 2 and largest != 2:
+            raise ConfigError("secure_aggregation.threshold", t,
+                              "at least 2 (1 only with exactly two participants)")
+    if largest >= 2:
+        codec_levels = (1 << min(spec.bits - math.ceil(math.log2(largest)), 52)) - 1
+        if spec.max_weight > codec_levels // 2:
+            raise ConfigError(
+                "secure_aggregation.max_weight", spec.max_weight,
+                f"at most {codec_levels // 2} with bits = {spec.bits} and up to {largest} "
+                "participants (one example must weigh at least one fixed-point level)")
+

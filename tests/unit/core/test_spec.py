@@ -113,3 +113,62 @@ def test_rounds_override() -> None:
     assert spec.rounds == 7
     with pytest.raises(ConfigError):
         RunSpec.from_toml(GOOD).with_overrides(rounds=0)
+
+
+FED5 = ('[federation]\nparticipants = ["a", "b", "c", "d", "e"]\n'
+        "[selection]\nmin_participants = 5\nmin_quorum = 2\n")
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "fragment"),
+    [
+        ("[secure_aggregation]\nthreshold = 2\nneighbours = 4", "secure_aggregation.threshold",
+         "more than neighbours/2"),
+        ("[secure_aggregation]\nneighbours = 3\n", "secure_aggregation.neighbours", "even"),
+        ("[secure_aggregation]\nneighbours = 5\n", "secure_aggregation.neighbours", "at most"),
+        ("[secure_aggregation]\nbits = 16\n", "secure_aggregation.bits", "32 or 64"),
+        ("[secure_aggregation]\nclip_range = 0\n", "secure_aggregation.clip_range", "> 0"),
+        ("[secure_aggregation]\nclip_range = nan\n", "secure_aggregation.clip_range", "finite"),
+        ("[secure_aggregation]\nclip_range = 1e308\n", "secure_aggregation.clip_range",
+         "between"),
+        ("[secure_aggregation]\nclip_range = 1e-320\n", "secure_aggregation.clip_range",
+         "between"),
+        ('[secure_aggregation]\nenabled = "no"\n', "secure_aggregation.enabled", "true or false"),
+        ("[secure_aggregation]\nenabled = 0\n", "secure_aggregation.enabled", "true or false"),
+        # switched off, it is still checked
+        ("[secure_aggregation]\nenabled = false\nbits = 16\n", "secure_aggregation.bits", "32"),
+        ("[secure_aggregation]\nmax_weight = 9223372036854775807\n",
+         "secure_aggregation.max_weight", "at most"),
+        ("[secure_aggregation]\nthreshold = 1\n", "secure_aggregation.threshold",
+         "more than neighbours/2"),
+        # a round may run with min_participants = 4: k = 3 there, so t = 4 cannot hold
+        ("[secure_aggregation]\nneighbours = 4\nthreshold = 4\n",
+         "secure_aggregation.threshold", "a round of 4 participants"),
+    ],
+)
+def test_bad_secure_aggregation(extra: str, field: str, fragment: str) -> None:
+    fed = FED5.replace("min_participants = 5", "min_participants = 4") if "= 4\n" in extra \
+        else FED5
+    with pytest.raises(ConfigError) as info:
+        RunSpec.from_toml(GOOD + fed + extra)
+    assert info.value.field == field and fragment in str(info.value)
+
+
+def test_secure_aggregation_edge_cases_that_are_valid() -> None:
+    on = RunSpec.from_toml(GOOD + FED5 + "[secure_aggregation]\nthreshold = 3\n")
+    assert on.secure_aggregation is not None and on.secure_aggregation.threshold == 3
+    off = RunSpec.from_toml(GOOD + FED5 + "[secure_aggregation]\nenabled = false\n")
+    assert off.secure_aggregation is None
+    # two participants: k = 1, so t = 1 is the only threshold, set or defaulted
+    two = (GOOD + '[federation]\nparticipants = ["a", "b"]\n'
+           "[selection]\nmin_participants = 2\nmin_quorum = 2\n")
+    spec = RunSpec.from_toml(two + "[secure_aggregation]\nthreshold = 1\n")
+    assert spec.secure_aggregation is not None and spec.secure_aggregation.threshold == 1
+    with pytest.raises(ConfigError, match="threshold"):
+        RunSpec.from_toml(two + "[secure_aggregation]\nthreshold = 2\n")
+    # a smaller max_weight than the limit, a wide clip and a 64-bit ring
+    RunSpec.from_toml(GOOD + FED5 + "[secure_aggregation]\nbits = 64\nclip_range = 1e6\n"
+                      "max_weight = 1000000\n")
+    with pytest.raises(ConfigError, match="min_quorum"):
+        RunSpec.from_toml(GOOD + FED5.replace("min_quorum = 2", "min_quorum = 1")
+                          + "[secure_aggregation]\n")

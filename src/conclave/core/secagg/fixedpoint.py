@@ -174,6 +174,8 @@ class FixedPointCodec:
         decoded = self.decode_sum(total, count)
         weight_sum = float(decoded[-1]) / self.clip
         if weight_sum <= count * self.step / self.clip:
-            raise InvalidUpdate("summed weight is zero: nothing to average")
+            raise InvalidUpdate(
+                "summed weight is zero: nothing to average (example counts are encoded as "
+                "fractions of secure_aggregation.max_weight; is it far above the counts?)")
         mean: Floats = decoded[:-1] / weight_sum
         return mean
