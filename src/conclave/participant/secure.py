@@ -25,7 +25,7 @@ from conclave.core.secagg.config import SecAggConfig
 from conclave.core.secagg.messages import KeyBundle, ShareBundle, UnmaskRequest
 from conclave.core.secagg.participant import SecAggParticipant
 from conclave.core.secagg.setup import IDENTITY_CAPABILITY, SecAggSetup
-from conclave.core.types import FitResult, SecAggStep, Task
+from conclave.core.types import Declined, FitResult, SecAggStep, Task
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class SecureSession:
         except ConclaveError as exc:
             self.aborted = f"refused to continue: {exc}"
             logger.warning("%s: secure round %d: %s", self.name, self.task.round, self.aborted)
+            self._say_why(service, str(exc))
             return True
         if self._crashes_before(message.step):
             return True
@@ -127,6 +128,17 @@ class SecureSession:
         elif message.step is SecAggStep.UNMASK:
             self.done = True
         return True
+
+    def _say_why(self, service: CoordinatorService, reason: str) -> None:
+        """Tell the coordinator we stopped, and why, so the step does not wait for us until its
+        deadline and the ledger records the real reason (best effort: if this fails too, the
+        deadline drops us all the same)."""
+        try:
+            service.decline_task(Declined(run_id=self.task.run_id, round=self.task.round,
+                                          participant=self.name, kind=self.task.kind,
+                                          reason=reason))
+        except ConclaveError as exc:
+            logger.info("%s: could not tell the coordinator: %s", self.name, exc)
 
     def _answer(self, payload: bytes) -> StageMessage:
         step = self.next_step

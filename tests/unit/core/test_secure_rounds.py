@@ -216,6 +216,9 @@ def test_a_tampered_share_makes_its_recipient_refuse_and_the_round_stays_correct
     dropped = sorted(p for p, c in fits.items()
                      if c.status is ContributionStatus.DROPPED)  # type: ignore[attr-defined]
     assert len(dropped) == 1 and dropped != ["p4"]
+    # the recipient told the coordinator why it stopped (not "no message before the deadline")
+    reason = fits[dropped[0]].reason  # type: ignore[attr-defined]
+    assert "stopped secure aggregation" in reason and "failed authentication" in reason, reason
     survivors = [p for p in NAMES if p not in dropped]
     got = ledger.load_checkpoint(run_id, 1).flat
     np.testing.assert_allclose(got, expected_round1(s, survivors), rtol=0, atol=1e-6)

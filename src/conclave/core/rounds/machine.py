@@ -205,12 +205,17 @@ class RunMachine(Submissions, SecureSteps, Resumption):
         return self._stop_waiting_for(participant, f"participant lost: {reason}")
 
     def _declined(self, declined: Declined) -> list[Command]:
-        """The participant's trainer failed on its task: record why, stop waiting for it."""
+        """The participant's trainer failed on its task, or it refused to go on with a secure
+        round: record why, stop waiting for it."""
         reason = self._check_submission(declined.kind, declined.participant, declined.round)
         if reason:
             return [Reply(verdict=Verdict(accepted=False, reason=reason))]
-        cmds = self._stop_waiting_for(declined.participant,
-                                      f"trainer failed: {declined.reason}")
+        # past the advertise step the trainer is done: what failed is the protocol (a share
+        # that did not decrypt, say), as the participant saw it
+        during = ("stopped secure aggregation"
+                  if self._secure is not None and self._secure.step is not SecAggStep.ADVERTISE
+                  else "trainer failed")
+        cmds = self._stop_waiting_for(declined.participant, f"{during}: {declined.reason}")
         return [Reply(verdict=Verdict(accepted=True)), *cmds]
 
     def _stop_waiting_for(self, participant: str, reason: str) -> list[Command]:
