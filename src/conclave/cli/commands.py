@@ -22,7 +22,7 @@ from conclave.coordinator.service import Coordinator, RoundTiming
 from conclave.core.errors import ConclaveError, ConfigError, TransportError
 from conclave.core.ports import Ledger
 from conclave.core.spec import RunSpec
-from conclave.core.types import RunStatus, SecAggStep, TaskKind, TrainerContext
+from conclave.core.types import RoundStatus, RunStatus, SecAggStep, TaskKind, TrainerContext
 from conclave.ledger.memory import MemoryLedger
 from conclave.ledger.sqlite import SqliteLedger
 from conclave.participant.agent import ParticipantAgent, build_trainer, load_trainer_factory
@@ -33,7 +33,9 @@ from conclave.transport.grpc.server import GrpcServer
 
 def _progress_hook(progress: RoundProgress) -> Any:
     def on_round(timing: RoundTiming) -> None:
-        if timing.kind is TaskKind.FIT:
+        if timing.status is RoundStatus.FAILED:
+            progress.round_failed(timing.round, timing.kind.value, timing.reason)
+        elif timing.kind is TaskKind.FIT:
             progress.round_committed(timing.round, timing.metrics)
         else:
             progress.evaluated(timing.round, timing.metrics)
@@ -75,7 +77,7 @@ def simulate(args: argparse.Namespace) -> int:
     spec = read_spec(args.spec).with_overrides(rounds=args.rounds,
                                                 secure_aggregation=args.secure_aggregation)
     ledger: Ledger = SqliteLedger(args.state_dir) if args.state_dir else MemoryLedger()
-    progress = RoundProgress(spec.rounds, evaluates_every_round=spec.evaluation.every_rounds == 1)
+    progress = RoundProgress(spec.rounds, evaluate_every=spec.evaluation.every_rounds)
     sim: Simulation | None = None
     try:
         sim = Simulation(spec=spec, ledger=ledger, factory=load_trainer_factory(spec.task.trainer),
@@ -108,7 +110,7 @@ def coordinator(args: argparse.Namespace) -> int:
     ledger = SqliteLedger(args.state_dir,
                           power_loss_safe=spec.federation.power_loss_safe_ledger)
     progress = RoundProgress(spec.rounds, stream=sys.stderr,
-                             evaluates_every_round=spec.evaluation.every_rounds == 1)
+                             evaluate_every=spec.evaluation.every_rounds)
     coord = _make_coordinator(spec, ledger, progress, resume=not args.new_run,
                               fault=_coordinator_crash_hook(args.crash_at))
     server = GrpcServer(coord, args.address, max_model_bytes=spec.federation.max_model_bytes)
@@ -292,7 +294,7 @@ def demo(args: argparse.Namespace) -> int:
     logs = state_dir / "logs"
     logs.mkdir(exist_ok=True)
     ledger = SqliteLedger(state_dir)
-    progress = RoundProgress(spec.rounds, evaluates_every_round=spec.evaluation.every_rounds == 1)
+    progress = RoundProgress(spec.rounds, evaluate_every=spec.evaluation.every_rounds)
     coord = _make_coordinator(spec, ledger, progress)
     server = GrpcServer(coord, "127.0.0.1:0", max_model_bytes=spec.federation.max_model_bytes)
     address = server.start()

@@ -122,7 +122,7 @@ def _contributions_table(contributions: Sequence[ContributionRecord]) -> list[st
             c.kind.value,
             c.participant,
             c.status.value,
-            str(c.weight),
+            str(c.weight) if c.weight else "-",  # 0: unknown (secure aggregation) or none
             _metrics_text(c.metrics),
             c.reason,
         ]
@@ -156,7 +156,8 @@ def _history_table(
     for c in contributions:
         detail = " ".join(
             part
-            for part in (f"weight={c.weight}", _metrics_text(c.metrics), c.reason)
+            for part in (f"weight={c.weight}" if c.weight else "", _metrics_text(c.metrics),
+                         c.reason)
             if part and part != "-"
         )
         what = f"{c.kind.value} round {c.round}"

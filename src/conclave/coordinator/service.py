@@ -67,6 +67,9 @@ class RoundTiming:
     started_at: float
     finished_at: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    status: RoundStatus = RoundStatus.COMMITTED
+    """How the attempt ended: COMMITTED, or FAILED (a failed fit round is retried)."""
+    reason: str = ""
 
 
 class Coordinator(ParticipantEndpoints):
@@ -313,7 +316,7 @@ class Coordinator(ParticipantEndpoints):
                 self._drop_timers(Timer.FIT if kind is TaskKind.FIT else Timer.EVALUATE)
                 if kind is TaskKind.EVALUATE:
                     self._final_evaluation = self._machine.last_evaluation
-                self._close_timing(r, kind, now, metrics)
+                self._close_timing(r, kind, now, metrics, status=status, reason=reason)
                 if status is RoundStatus.FAILED:
                     logger.warning("round %d failed: %s", r, reason)
                     if kind is TaskKind.FIT:  # what that attempt accepted is in no model
@@ -366,11 +369,13 @@ class Coordinator(ParticipantEndpoints):
         self._event(cmd.participant, state, detail)
 
     def _close_timing(self, round_: int, kind: TaskKind, now: float,
-                      metrics: Mapping[str, float]) -> None:
+                      metrics: Mapping[str, float], *,
+                      status: RoundStatus = RoundStatus.COMMITTED, reason: str = "") -> None:
         for timing in reversed(self._timings):
             if timing.round == round_ and timing.kind is kind and timing.finished_at is None:
                 timing.finished_at = now
                 timing.metrics = dict(metrics)
+                timing.status, timing.reason = status, reason
                 if self._on_round is not None:
                     self._on_round(timing)
                 return

@@ -138,8 +138,8 @@ def test_text_shows_the_most_recent_run(ledger: MemoryLedger) -> None:
     assert row(text, "1", "fit", "committed", "2", "4.50", digest, "loss=0.5")
     assert row(text, "1", "evaluate", "committed", "2", "1.00", "-", "loss=0.5 accuracy=0.8125")
     assert row(text, "2", "fit", "failed", "2", "10.00", "-", "-", "quorum not reached")
-    assert row(text, "1", "fit", "h0", "rejected", "0", "-", "duplicate submission")
-    assert row(text, "2", "fit", "h1", "late", "0", "-", "after the deadline")
+    assert row(text, "1", "fit", "h0", "rejected", "-", "-", "duplicate submission")
+    assert row(text, "2", "fit", "h1", "late", "-", "-", "after the deadline")
     assert row(text, "h1", "lost", "1", "1")
     assert "contributions (4)" in text
 
@@ -158,7 +158,7 @@ def test_participant_history_is_chronological(ledger: MemoryLedger) -> None:
     assert row(history, "+1.000", "event", "joined")
     assert row(history, "+4.000", "fit round 1", "accepted", "weight=100 loss=nan")
     assert row(history, "+9.000", "event", "lost", "silent 30s")
-    assert row(history, "+25.000", "fit round 2", "late", "weight=0 after the deadline")
+    assert row(history, "+25.000", "fit round 2", "late", "after the deadline")
     order = [history.index(mark) for mark in ("+1.000", "+4.000", "+9.000", "+25.000")]
     assert order == sorted(order)
     assert "h0" not in history
