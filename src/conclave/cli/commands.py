@@ -31,6 +31,9 @@ from conclave.transport.grpc.client import GrpcCoordinatorClient
 from conclave.transport.grpc.server import GrpcServer
 
 
+_STAGE_PREFETCH_S = 5.0  # = ParticipantAgent's default long-poll wait
+
+
 def _progress_hook(progress: RoundProgress) -> Any:
     def on_round(timing: RoundTiming) -> None:
         if timing.status is RoundStatus.FAILED:
@@ -198,7 +201,8 @@ def participant(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     factory = load_trainer_factory(args.trainer)
     crash = _crash_hook(args.crash_at)
-    client = GrpcCoordinatorClient(args.coordinator)
+    # a secure step's upload waits (as long as a fetch would) for the next step's input
+    client = GrpcCoordinatorClient(args.coordinator, stage_prefetch_s=_STAGE_PREFETCH_S)
     try:
         agent = ParticipantAgent.from_factory(name=args.name, service=client, factory=factory,
                                               options=_parse_options(args.option),

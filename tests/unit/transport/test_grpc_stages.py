@@ -343,3 +343,57 @@ def test_memory_transport_freezes_a_mutable_buffer(fake):
     fake.stage = StageInput(payload=bytearray(b"keys"))  # type: ignore[arg-type]
     fetched = transport.fetch_stage("run-7", "p0", 1, SecAggStep.SHARE, 0.0)
     assert type(fetched.payload) is bytes and fetched.payload == b"keys"
+
+
+# -- the next step's input returned with a stage upload's verdict ------------------------
+
+
+def test_an_accepted_upload_brings_back_the_next_steps_input(fake):
+    fake.stage = StageInput(payload=b"share bundle")
+    with GrpcServer(fake, chunk_bytes=CHUNK) as server, GrpcCoordinatorClient(
+            server.address, chunk_bytes=CHUNK, stage_prefetch_s=2.0) as client:
+        assert client.submit_stage("run-7", "p0", 3, SecAggStep.ADVERTISE, b"keys").accepted
+        assert fake.last("fetch_stage")[:4] == ("run-7", "p0", 3, SecAggStep.SHARE)
+        # the next fetch of exactly that step needs no call
+        assert client.fetch_stage("run-7", "p0", 3, SecAggStep.SHARE, 5.0).payload == (
+            b"share bundle")
+        assert fake.names().count("fetch_stage") == 1
+        # it is used once; another step (or round) is fetched as usual
+        fake.stage = StageInput(payload=b"fresh")
+        assert client.fetch_stage("run-7", "p0", 3, SecAggStep.SHARE, 0.0).payload == b"fresh"
+        assert fake.names().count("fetch_stage") == 2
+        # the last step has no next one: nothing is waited for
+        assert client.submit_stage("run-7", "p0", 3, SecAggStep.UNMASK, b"shares").accepted
+        assert fake.names().count("fetch_stage") == 2
+
+
+def test_an_abort_comes_back_too_and_a_refused_upload_brings_nothing(fake):
+    with GrpcServer(fake, chunk_bytes=CHUNK) as server, GrpcCoordinatorClient(
+            server.address, chunk_bytes=CHUNK, stage_prefetch_s=2.0) as client:
+        fake.stage = StageInput(payload=None, aborted=True, reason="the round failed")
+        assert client.submit_stage("run-7", "p0", 1, SecAggStep.SHARE, b"x").accepted
+        got = client.fetch_stage("run-7", "p0", 1, SecAggStep.MASKED_INPUT, 5.0)
+        assert got.aborted and got.reason == "the round failed"
+        calls = fake.names().count("fetch_stage")
+        fake.verdict = Verdict(accepted=False, reason="stale")
+        assert not client.submit_stage("run-7", "p0", 2, SecAggStep.SHARE, b"x").accepted
+        assert fake.names().count("fetch_stage") == calls  # no wait for a refused upload
+
+
+def test_an_input_not_ready_in_time_or_too_big_is_fetched_as_usual(fake):
+    fake.fetch_delay_s = 0.05  # "nothing yet" after a short wait, as the coordinator would
+    with GrpcServer(fake, chunk_bytes=CHUNK) as server, GrpcCoordinatorClient(
+            server.address, chunk_bytes=CHUNK, stage_prefetch_s=0.2) as client:
+        started = time.monotonic()
+        assert client.submit_stage("run-7", "p0", 1, SecAggStep.SHARE, b"x").accepted
+        assert time.monotonic() - started < 5
+        fake.fetch_delay_s = 0.0
+        fake.stage = StageInput(payload=PAYLOAD)  # bigger than one chunk: not carried
+        calls = fake.names().count("fetch_stage")
+        assert client.fetch_stage("run-7", "p0", 1, SecAggStep.MASKED_INPUT, 0.0).payload == (
+            PAYLOAD)
+        assert fake.names().count("fetch_stage") == calls + 1
+        assert client.submit_stage("run-7", "p0", 2, SecAggStep.SHARE, b"x").accepted
+        assert client.fetch_stage("run-7", "p0", 2, SecAggStep.MASKED_INPUT, 0.0).payload == (
+            PAYLOAD)
+        assert fake.names().count("fetch_stage") == calls + 3  # the server's try, then ours

@@ -22,8 +22,14 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
-from conclave.core.errors import LocalProtocolError, RemoteProtocolError, TransportError
+from conclave.core.errors import (
+    ConclaveError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TransportError,
+)
 from conclave.core.ports import CoordinatorService
+from conclave.core.types import SecAggStep, StageInput
 from conclave.transport.grpc import conclave_pb2 as pb
 from conclave.transport.grpc import conclave_pb2_grpc as pb_grpc
 from conclave.transport.grpc import serde, stage_serde
@@ -286,9 +292,36 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             verdict = self._service.submit_stage(
                 sub.run_id, sub.participant, sub.round, sub.step, sub.payload
             )
-            return serde.verdict_to_proto(verdict)
+            reply = serde.verdict_to_proto(verdict)
+            following = stage_serde.NEXT_STEP.get(sub.step)
+            if verdict.accepted and following is not None and sub.wait_next_s > 0:
+                stage = self._next_stage(context, sub, following)
+                if stage is not None:
+                    stage_serde.attach_next_stage(reply, stage)
+            return reply
 
         return _guarded(context, "SubmitStage", call)
+
+    def _next_stage(self, context: grpc.ServicerContext, sub: stage_serde.StageSubmission,
+                    step: SecAggStep) -> StageInput | None:
+        """The input of the step after ``sub``, waited for like a FetchStage; None when it is
+        not ready in time, too big for one message, or the wait is refused. The upload is
+        accepted whatever happens here: the participant then fetches the input itself."""
+        try:
+            stage = self._long_poll(
+                context, sub.participant, sub.wait_next_s,
+                lambda wait: self._service.fetch_stage(
+                    sub.run_id, sub.participant, sub.round, step, wait),
+                lambda got: got.payload is not None or got.aborted,
+            )
+        except ConclaveError as exc:
+            _log.debug("no next-step input for %s: %s", sub.participant, exc)
+            return None
+        if stage.payload is None and not stage.aborted:
+            return None
+        if stage.payload is not None and len(stage.payload) > self._chunk_bytes:
+            return None
+        return stage
 
 
 class GrpcServer:

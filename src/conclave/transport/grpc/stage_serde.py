@@ -10,6 +10,7 @@ upload raises ``InvalidUpdate``, a bad reply from the coordinator ``RemoteProtoc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -43,6 +44,15 @@ class StageSubmission(NamedTuple):
     round: int
     step: SecAggStep
     payload: bytes
+    wait_next_s: float = 0.0
+
+
+NEXT_STEP: dict[SecAggStep, SecAggStep] = {
+    SecAggStep.ADVERTISE: SecAggStep.SHARE,
+    SecAggStep.SHARE: SecAggStep.MASKED_INPUT,
+    SecAggStep.MASKED_INPUT: SecAggStep.UNMASK,
+}
+"""The step whose input a participant fetches after submitting each step."""
 
 
 def step_to_proto(step: SecAggStep) -> pb.SecAggStep.ValueType:
@@ -102,16 +112,21 @@ def fetch_stage_request_from_proto(request: pb.FetchStageRequest) -> StageFetchC
     )
 
 
-def stage_messages(stage: StageInput, chunk_bytes: int) -> Iterator[pb.StageMessage]:
-    """The FetchStage reply stream. The header is built before anything is sent."""
+def _stage_header(stage: StageInput) -> pb.StageHeader:
     payload = stage.payload
-    header = pb.StageHeader(
+    return pb.StageHeader(
         protocol_version=PROTOCOL_VERSION,
         has_payload=payload is not None,
         aborted=stage.aborted,
         reason=stage.reason,
         total_bytes=0 if payload is None else len(payload),
     )
+
+
+def stage_messages(stage: StageInput, chunk_bytes: int) -> Iterator[pb.StageMessage]:
+    """The FetchStage reply stream. The header is built before anything is sent."""
+    payload = stage.payload
+    header = _stage_header(stage)
     chunks = iter_byte_chunks(b"" if payload is None else payload, chunk_bytes)
     return _stage_stream(pb.StageMessage(header=header), chunks)
 
@@ -143,6 +158,32 @@ def stage_from_messages(messages: Iterator[pb.StageMessage], *, max_bytes: int) 
     return StageInput(payload=payload, aborted=header.aborted, reason=header.reason)
 
 
+def attach_next_stage(verdict: pb.Verdict, stage: StageInput) -> pb.Verdict:
+    """Put the next step's input into a SubmitStage reply (server side)."""
+    verdict.next.CopyFrom(_stage_header(stage))
+    if stage.payload:
+        verdict.next_payload = stage.payload
+    return verdict
+
+
+def next_stage_from_verdict(verdict: pb.Verdict, *, max_bytes: int) -> StageInput | None:
+    """The next step's input carried by a SubmitStage reply, or None (client side)."""
+    if not verdict.HasField("next"):
+        return None
+    header = verdict.next
+    check_version(header.protocol_version, peer="coordinator", local="this participant")
+    data = verdict.next_payload
+    if not header.has_payload:
+        if header.total_bytes or data:
+            raise RemoteProtocolError("next-step input without a payload carries bytes")
+        return StageInput(payload=None, aborted=header.aborted, reason=header.reason)
+    if header.total_bytes != len(data) or len(data) > max_bytes:
+        raise RemoteProtocolError(
+            f"next-step input announces {header.total_bytes} bytes, carries {len(data)} "
+            f"(limit {max_bytes})")
+    return StageInput(payload=bytes(data), aborted=header.aborted, reason=header.reason)
+
+
 # -- SubmitStage: one StageUploadHeader, then the payload in chunks ----------------------
 
 
@@ -154,6 +195,8 @@ def stage_upload_messages(
     payload: bytes,
     chunk_bytes: int,
     protocol_version: int = PROTOCOL_VERSION,
+    *,
+    wait_next_s: float = 0.0,
 ) -> Iterator[pb.StageUploadMessage]:
     """The SubmitStage request stream (client side); the header is built before this returns."""
     header = pb.StageUploadHeader(
@@ -163,6 +206,7 @@ def stage_upload_messages(
         participant=participant,
         step=step_to_proto(step),
         total_bytes=len(payload),
+        wait_next_s=wait_next_s,
     )
     chunks = iter_byte_chunks(payload, chunk_bytes)
     return _upload_stream(pb.StageUploadMessage(header=header), chunks)
@@ -194,4 +238,6 @@ def stage_submission_from_messages(
         total_bytes=header.total_bytes, max_bytes=max_bytes, error=InvalidUpdate
     )
     payload = _assemble(messages, assembler, InvalidUpdate)
-    return StageSubmission(header.run_id, header.participant, header.round, step, payload)
+    wait = header.wait_next_s if math.isfinite(header.wait_next_s) else 0.0
+    return StageSubmission(header.run_id, header.participant, header.round, step, payload,
+                           max(0.0, wait))
