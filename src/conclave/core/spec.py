@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from conclave.core.errors import ConfigError
+from conclave.core.secagg.fixedpoint import FixedPointCodec
+from conclave.core.secagg.graph import default_neighbours
 from conclave.core.types import Scalar
 
 _TRAINER_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -484,9 +486,7 @@ def _check_secure(spec: SecureAggregationSpec, selection: SelectionSpec,
     def degree(n: int) -> int:  # the k a round of n participants uses
         if k is not None:
             return min(k, n - 1)
-        if spec.protocol is SecAggProtocol.SECAGG:
-            return n - 1
-        return min(n - 1, 2 * math.ceil(3 * math.log2(n)))
+        return n - 1 if spec.protocol is SecAggProtocol.SECAGG else default_neighbours(n)
 
     t = spec.threshold
     if t is not None:
@@ -502,10 +502,11 @@ def _check_secure(spec: SecureAggregationSpec, selection: SelectionSpec,
             raise ConfigError("secure_aggregation.threshold", t,
                               "at least 2 (1 only with exactly two participants)")
     if largest >= 2:
-        codec_levels = (1 << min(spec.bits - math.ceil(math.log2(largest)), 52)) - 1
-        if spec.max_weight > codec_levels // 2:
+        heaviest = FixedPointCodec(clip=spec.clip_range, bits=spec.bits,
+                                   max_summands=largest).levels // 2
+        if spec.max_weight > heaviest:
             raise ConfigError(
                 "secure_aggregation.max_weight", spec.max_weight,
-                f"at most {codec_levels // 2} with bits = {spec.bits} and up to {largest} "
+                f"at most {heaviest} with bits = {spec.bits} and up to {largest} "
                 "participants (one example must weigh at least one fixed-point level)")
 
