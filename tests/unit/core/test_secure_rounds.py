@@ -269,3 +269,50 @@ def test_a_participant_lost_mid_protocol_does_not_hold_the_step_until_its_deadli
     assert "masked_input" in victim.reason  # type: ignore[attr-defined]
     events = [e.detail for e in ledger.participant_events(run_id, "p2")]
     assert "secure aggregation round 1: nothing at masked_input" in events
+
+
+class Resender:
+    """A wire that loses p4's replies: p4 sends every stage message again, and once also a
+    different one."""
+
+    def __init__(self, inner: CoordinatorService) -> None:
+        self._inner = inner
+        self.replies: list[tuple[SecAggStep, str, Verdict]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def submit_stage(self, run_id: str, participant: str, round: int, step: SecAggStep,
+                     payload: bytes) -> Verdict:
+        first = self._inner.submit_stage(run_id, participant, round, step, payload)
+        if participant == "p4":
+            again = self._inner.submit_stage(run_id, participant, round, step, payload)
+            other = self._inner.submit_stage(run_id, participant, round, step, payload + b"!")
+            self.replies += [(step, "first", first), (step, "again", again),
+                             (step, "other", other)]
+        return first
+
+
+def test_a_resent_stage_message_is_acknowledged_and_a_different_one_refused() -> None:
+    """A lost reply makes a participant send the same bytes again: acknowledged, not counted
+    twice, and it stays in the round; different bytes at a step it answered are refused."""
+    s = spec()
+    holder: dict[str, Resender] = {}
+
+    def wrap(inner: CoordinatorService) -> CoordinatorService:
+        holder["w"] = Resender(inner)
+        return holder["w"]  # type: ignore[return-value]
+
+    sim, ledger = run(s, wrap_transport=wrap)
+    replies = holder["w"].replies
+    assert {step for step, _, _ in replies} == {SecAggStep.ADVERTISE, SecAggStep.SHARE,
+                                                SecAggStep.MASKED_INPUT, SecAggStep.UNMASK}
+    for step, kind, verdict in replies:
+        if kind == "other":
+            assert not verdict.accepted, step
+        else:
+            assert verdict.accepted, (step, kind, verdict.reason)
+    run_id = sim.coordinator.run_id
+    assert fit_contributions(ledger, run_id)["p4"].status is ContributionStatus.ACCEPTED  # type: ignore[attr-defined]
+    got = ledger.load_checkpoint(run_id, 1).flat
+    np.testing.assert_allclose(got, expected_round1(s, NAMES), rtol=0, atol=1e-6)

@@ -9,6 +9,7 @@ example-weighted mean of the survivors' clipped model changes. Pure: no I/O, no 
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -78,6 +79,9 @@ class SecureRound:
         self._forgotten: set[str] = set()
         self._outputs: dict[SecAggStep, Mapping[str, bytes]] = {}
         self._dropped_at: dict[str, str] = {}
+        # what each participant's accepted messages looked like, to tell a resend (the reply
+        # was lost: acknowledge it again) from a second, different message (reject it)
+        self._accepted: dict[tuple[str, SecAggStep], tuple[int, int]] = {}
         self.failed = ""
 
     # -- queries ------------------------------------------------------------------------
@@ -132,6 +136,8 @@ class SecureRound:
         """Take one stage message; '' if accepted, else the reason it was rejected."""
         if self.failed:
             return f"the secure round failed: {self.failed}"
+        if self._accepted.get((participant, step)) == _fingerprint(payload):
+            return ""  # a resend of what was accepted (its reply was lost): nothing to do
         if step is not self.step:
             return (f"stale or early {step.value} message: the round is collecting "
                     f"{self.step.value}")
@@ -151,6 +157,7 @@ class SecureRound:
             self._dropped_at[participant] = f"rejected at {step.value}: {exc}"
             return str(exc)
         self._answered.add(participant)
+        self._accepted[(participant, step)] = _fingerprint(payload)
         return ""
 
     # -- closing a step -----------------------------------------------------------------
@@ -218,3 +225,9 @@ _RECEIVE: dict[SecAggStep, Callable[[SecAggCoordinator, object], None]] = {
     SecAggStep.MASKED_INPUT: lambda m, msg: m.receive_masked_input(msg),  # type: ignore[arg-type]
     SecAggStep.UNMASK: lambda m, msg: m.receive_unmask_response(msg),  # type: ignore[arg-type]
 }
+
+
+def _fingerprint(payload: bytes) -> tuple[int, int]:
+    """Length and CRC-32: tells a participant's resend of the same bytes from a different
+    message. Not a security check: the first accepted message is what counts either way."""
+    return len(payload), zlib.crc32(payload)
