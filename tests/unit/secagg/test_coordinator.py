@@ -68,6 +68,28 @@ def _forged_advert(msg: object) -> object:
     return dataclasses.replace(msg, signature=impostor.sign(payload))
 
 
+_P25519 = 2**255 - 19
+_ORDER_8 = 325606250916557431795983626356110631294008115727848805560023387167927233504
+
+
+def _signed_advert_with(field: str, value: bytes) -> Callable[[object], object]:
+    """The victim's own, validly signed advert, carrying an unusable key."""
+
+    def change(msg: object) -> object:
+        assert isinstance(msg, AdvertiseKeys)
+        bad = dataclasses.replace(msg, **{field: value})
+        payload = keys.advert_payload(bad.run_id, bad.round, bad.participant, bad.c_public,
+                                      bad.s_public)
+        identity = identities(config(9).participants)[VICTIM]
+        return dataclasses.replace(bad, signature=identity.sign(payload))
+
+    return change
+
+
+def _top_bit(key: bytes) -> bytes:
+    return key[:-1] + bytes([key[-1] | 0x80])
+
+
 def _share_change(how: str) -> Callable[[object], object]:
     def change(msg: object) -> object:
         assert isinstance(msg, ShareKeys)
@@ -93,6 +115,17 @@ def _share_change(how: str) -> Callable[[object], object]:
     ("kind", "change", "stage"),
     [
         (AdvertiseKeys, _forged_advert, Stage.ADVERTISE),
+        (AdvertiseKeys, _signed_advert_with("c_public", bytes(32)), Stage.ADVERTISE),
+        (AdvertiseKeys, _signed_advert_with("s_public", (1).to_bytes(32, "little")),
+         Stage.ADVERTISE),
+        (AdvertiseKeys, _signed_advert_with("c_public", _ORDER_8.to_bytes(32, "little")),
+         Stage.ADVERTISE),
+        (AdvertiseKeys, _signed_advert_with("s_public", (_P25519 - 1).to_bytes(32, "little")),
+         Stage.ADVERTISE),
+        (AdvertiseKeys, _signed_advert_with("s_public", (_P25519 + 3).to_bytes(32, "little")),
+         Stage.ADVERTISE),
+        (AdvertiseKeys, lambda m: _signed_advert_with("s_public", _top_bit(m.s_public))(m),  # type: ignore[attr-defined]
+         Stage.ADVERTISE),
         (ShareKeys, _share_change("sender"), Stage.SHARE),
         (ShareKeys, _share_change("missing"), Stage.SHARE),
         (ShareKeys, _share_change("length"), Stage.SHARE),
@@ -101,6 +134,12 @@ def _share_change(how: str) -> Callable[[object], object]:
     ],
     ids=[
         "forged-advert",
+        "signed-zero-c-key",
+        "signed-one-s-key",
+        "signed-order-8-c-key",
+        "signed-order-2-s-key",
+        "signed-non-canonical-s-key",
+        "signed-top-bit-s-key",
         "share-sender",
         "share-missing",
         "share-length",

@@ -144,6 +144,9 @@ class SecAggCoordinator:
                 raise RemoteProtocolError("malformed keys or signature")
             payload = keys.advert_payload(msg.run_id, msg.round, who, msg.c_public, msg.s_public)
             keys.verify_advert(self._identity_keys[who], payload, msg.signature)
+            # a signed but unusable key would make its neighbours drop out, not its owner
+            keys.check_public_key(msg.c_public)
+            keys.check_public_key(msg.s_public)
         self._adverts[who] = msg
 
     def close_advertise(self) -> dict[str, KeyBundle]:

@@ -120,6 +120,25 @@ def verify_advert(identity: Ed25519PublicKey | bytes, payload: bytes, signature:
         raise RemoteProtocolError("key advert signature does not verify") from None
 
 
+_FIELD_PRIME = 2**255 - 19
+_PROBE = bytes([0x48]) + bytes(30) + bytes([0x40])  # a clamped scalar (multiple of 8)
+
+
+def check_public_key(public: bytes) -> None:
+    """Refuse an X25519 public key that is not 32 bytes, not in canonical form (top bit set,
+    or u >= 2^255 - 19: encodings RFC 7748 would silently reduce, so the same key could be
+    advertised under several byte strings) or of low order (every agreement with it is zero,
+    so it would knock out its neighbours instead of itself)."""
+    if len(public) != KEY_BYTES:
+        raise RemoteProtocolError(f"X25519 public key of {len(public)} bytes, expected {KEY_BYTES}")
+    if int.from_bytes(public, "little") >= _FIELD_PRIME:
+        raise RemoteProtocolError("X25519 public key not in canonical form")
+    try:
+        sodium.crypto_scalarmult(_PROBE, public)
+    except (CryptoError, RuntimeError, ValueError, TypeError):
+        raise RemoteProtocolError("X25519 public key is a low-order point") from None
+
+
 def agree(private: bytes, peer_public: bytes) -> bytes:
     """X25519 shared secret of a raw private key with a peer's raw public key. A malformed or
     low-order public key (shared secret all zeros) is the peer's fault."""
@@ -128,10 +147,11 @@ def agree(private: bytes, peer_public: bytes) -> bytes:
             f"unusable X25519 public key: {len(peer_public)} bytes, expected {KEY_BYTES}")
     try:
         secret = bytes(sodium.crypto_scalarmult(private, peer_public))
-    except (CryptoError, RuntimeError, ValueError, TypeError) as exc:
-        raise RemoteProtocolError(f"unusable X25519 public key: {exc}") from exc
+    except (CryptoError, RuntimeError, ValueError, TypeError):
+        # libsodium refuses an all-zero result: the peer's key is a low-order point
+        raise RemoteProtocolError("unusable X25519 public key: a low-order point") from None
     if not any(secret):
-        raise RemoteProtocolError("unusable X25519 public key: low-order point")
+        raise RemoteProtocolError("unusable X25519 public key: a low-order point")
     return secret
 
 
