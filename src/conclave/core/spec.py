@@ -463,17 +463,25 @@ _CLIP_MIN, _CLIP_MAX = 1e-20, 1e20
 
 def _check_secure(spec: SecureAggregationSpec, selection: SelectionSpec,
                   federation: FederationSpec) -> None:
-    """Check k, t and max_weight against every round size this spec allows: a round runs with
-    between ``min_participants`` and ``participants_per_round`` (or every listed participant)."""
+    """Check k, t and max_weight against every round size this spec allows: exactly
+    ``participants_per_round``, or else between ``min_participants`` and every listed
+    participant (an open federation bounds no round from above)."""
     if selection.min_quorum < 2:
         raise ConfigError("selection.min_quorum", selection.min_quorum,
                           "at least 2 with secure aggregation (a sum of one is no secret)")
-    largest = selection.participants_per_round or len(federation.participants) or 0
-    smallest = max(selection.min_participants, 2)
+    per_round = selection.participants_per_round
+    largest = per_round or len(federation.participants) or 0  # 0: not bounded by the spec
+    # with participants_per_round every round has exactly that many; else at least
+    # min_participants (only participants with an identity key count)
+    smallest = per_round or max(selection.min_participants, 2)
     if spec.protocol is SecAggProtocol.SECAGG and spec.neighbours is not None:
         raise ConfigError("secure_aggregation.neighbours", spec.neighbours,
                           "unset for protocol 'secagg' (the complete graph)")
     k = spec.neighbours
+    if largest == 0 and k is not None and k % 2:
+        raise ConfigError("secure_aggregation.neighbours", k,
+                          "an even number (the federation is open: rounds may be larger "
+                          "than neighbours + 1)")
     if largest >= 2 and k is not None:
         full = largest - 1
         if k > full:
@@ -490,14 +498,15 @@ def _check_secure(spec: SecureAggregationSpec, selection: SelectionSpec,
 
     t = spec.threshold
     if t is not None:
-        for n in sorted({smallest, largest} - {0, 1}):
+        # an unbounded federation may run rounds larger than k + 1, where k itself applies
+        sizes = {smallest, largest} if largest else {smallest, (k or 0) + 1}
+        for n in sorted(sizes - {0, 1}):
             kn = degree(n)
             if not kn / 2 < t <= kn:
                 raise ConfigError(
                     "secure_aggregation.threshold", t,
                     f"more than neighbours/2 and at most neighbours in every round; a round of "
-                    f"{n} participants (selection.min_participants = "
-                    f"{selection.min_participants}) has k = {kn}")
+                    f"{n} participants has k = {kn}")
         if t < 2 and largest != 2:
             raise ConfigError("secure_aggregation.threshold", t,
                               "at least 2 (1 only with exactly two participants)")

@@ -318,3 +318,18 @@ def test_after_a_restart_a_resent_update_of_the_committed_round_is_acknowledged(
     assert cmds == [Reply(verdict=Verdict(accepted=True, reason="already accepted"))]
     other = m.handle(UpdateReceived(resent, "different"))  # not the accepted one: stale
     assert of(other, RecordContribution)[0].status is ContributionStatus.LATE
+
+
+def test_with_secure_aggregation_names_without_an_identity_key_do_not_count() -> None:
+    """They can never be selected, so they must not start a round that then has too few."""
+    spec = RunSpec.from_toml(make_spec(min_participants=3, min_quorum=2).source
+                             + "[secure_aggregation]\n")
+    m = RunMachine(run_id="r1", spec=spec, initial=params(0.0, 0.0))
+    m.handle(RunStarted())
+    assert m.handle(ParticipantJoined("a", identity_key=b"\x01" * 32)) == []
+    assert m.handle(ParticipantJoined("bare-1")) == []
+    assert m.handle(ParticipantJoined("bare-2")) == []
+    assert m.stage is Stage.WAITING
+    assert m.handle(ParticipantJoined("b", identity_key=b"\x02" * 32)) == []
+    cmds = m.handle(ParticipantJoined("c", identity_key=b"\x03" * 32))
+    assert of(cmds, StartRound)[0].selected == ("a", "b", "c")

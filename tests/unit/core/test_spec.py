@@ -166,6 +166,19 @@ def test_secure_aggregation_edge_cases_that_are_valid() -> None:
     assert spec.secure_aggregation is not None and spec.secure_aggregation.threshold == 1
     with pytest.raises(ConfigError, match="threshold"):
         RunSpec.from_toml(two + "[secure_aggregation]\nthreshold = 2\n")
+    # every round has participants_per_round members, whatever min_participants says
+    ten = ('[federation]\nparticipants = [' + ", ".join(f'"p{i}"' for i in range(10)) + "]\n"
+           "[selection]\nparticipants_per_round = 5\nmin_participants = 10\nmin_quorum = 2\n")
+    RunSpec.from_toml(GOOD + ten + "[secure_aggregation]\nthreshold = 3\n")
+    # an open federation: k itself must hold (rounds may be larger than k + 1)
+    open_fed = "[selection]\nmin_participants = 4\nmin_quorum = 2\n"
+    with pytest.raises(ConfigError, match="threshold"):
+        RunSpec.from_toml(GOOD + open_fed + "[secure_aggregation]\nneighbours = 10\n"
+                          "threshold = 3\n")
+    with pytest.raises(ConfigError, match="even"):
+        RunSpec.from_toml(GOOD + open_fed + "[secure_aggregation]\nneighbours = 5\n")
+    RunSpec.from_toml(GOOD + open_fed.replace("= 4", "= 8")
+                      + "[secure_aggregation]\nneighbours = 6\nthreshold = 4\n")
     # a smaller max_weight than the limit, a wide clip and a 64-bit ring
     RunSpec.from_toml(GOOD + FED5 + "[secure_aggregation]\nbits = 64\nclip_range = 1e6\n"
                       "max_weight = 1000000\n")

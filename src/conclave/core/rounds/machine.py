@@ -268,8 +268,15 @@ class RunMachine(Submissions, SecureSteps, Resumption):
                      timeout_s=self.spec.deadlines.round_timeout_s),
         ]
 
+    def _candidates(self) -> set[str]:
+        """Who may be selected: with secure aggregation, only participants that joined with an
+        identity key (a name without one can never take part, so it must not count either)."""
+        if self.spec.secure_aggregation is not None:
+            return {p for p in self._available if p in self._identity}
+        return self._available
+
     def _enough_participants(self) -> bool:
-        return len(self._available) >= self.spec.selection.min_participants
+        return len(self._candidates()) >= self.spec.selection.min_participants
 
     # -- round lifecycle ----------------------------------------------------------------
     def _next_round(self) -> list[Command]:
@@ -286,11 +293,8 @@ class RunMachine(Submissions, SecureSteps, Resumption):
                              timeout_s=self.spec.deadlines.join_timeout_s)]
         self._attempt += 1
         rng = np.random.default_rng([self.spec.seed, self._round, self._attempt])
-        candidates = self._available
-        if self.spec.secure_aggregation is not None:
-            candidates = {p for p in self._available if p in self._identity}
         self._selected = select_uniform(
-            candidates, self.spec.selection.participants_per_round, rng
+            self._candidates(), self.spec.selection.participants_per_round, rng
         )
         self._kind = TaskKind.FIT
         self._stage = Stage.TRAINING
