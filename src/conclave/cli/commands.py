@@ -144,6 +144,7 @@ def coordinator(args: argparse.Namespace) -> int:
         coord.interrupt("coordinator interrupted (SIGINT)")
     finally:
         server.stop(grace_s=2.0)
+        progress.close()
         summary = coord.summary()
         write_summary(args.state_dir, summary)
         ledger.close()

@@ -28,6 +28,7 @@ class RoundProgress:
         self._last: dict[str, float] = {}
         self._test: dict[str, float] = {}  # the latest evaluation's metrics
         self._test_round = 0
+        self._held = 0  # a committed round whose line waits for its evaluation
 
     def _evaluation_due(self, round_: int) -> bool:
         every = self.evaluate_every
@@ -39,12 +40,15 @@ class RoundProgress:
             self._last = {k: v for k, v in metrics.items() if k == "train_loss"}
             if self.interactive or not self._evaluation_due(round_):
                 self._draw(round_)
+            else:
+                self._held = round_
 
     def evaluated(self, round_: int, metrics: Mapping[str, float]) -> None:
         with self._lock:
             self._test = {k: v for k, v in metrics.items()
                           if k in ("loss", "accuracy", "mean_accuracy")}
             self._test_round = round_
+            self._held = 0
             self._draw(round_, evaluated=True)
 
     def round_failed(self, round_: int, kind: str, reason: str) -> None:
@@ -81,6 +85,10 @@ class RoundProgress:
         self.stream.flush()
 
     def close(self) -> None:
+        with self._lock:
+            if self._held:  # the run stopped before the evaluation came: say the round anyway
+                self._draw(self._held)
+                self._held = 0
         if self.interactive:
             self.stream.write("\n")
             self.stream.flush()

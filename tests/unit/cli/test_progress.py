@@ -56,3 +56,14 @@ def test_terminal_bar_is_redrawn_in_place() -> None:
     text = out.getvalue()
     assert text.count("\r") == 4 and text.endswith("\n")
     assert "[####] round   2/2" in text and "test loss 0.5000" in text
+
+
+def test_a_round_waiting_for_an_evaluation_that_never_comes_is_printed_at_close() -> None:
+    out = io.StringIO()
+    p = RoundProgress(3, stream=out, interactive=False, evaluate_every=1)
+    p.round_committed(1, {"train_loss": 0.4})
+    assert lines(out) == []
+    p.close()  # stopped (SIGTERM) during round 1's evaluation
+    assert len(lines(out)) == 1 and lines(out)[0].startswith("round   1/3 | train loss 0.4000")
+    p.close()
+    assert len(lines(out)) == 1
