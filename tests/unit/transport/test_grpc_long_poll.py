@@ -112,3 +112,36 @@ def test_one_participant_cannot_hold_every_long_poll_slot() -> None:
         for t in threads:
             t.join(timeout=10)
         server.stop(grace_s=0)
+
+
+def test_stalled_uploads_cannot_take_the_workers_heartbeats_need(one_slot) -> None:
+    """An upload that sends its header and then nothing holds a worker thread: uploads share
+    the long-poll slots, so the next one is refused as busy and heartbeats still answer."""
+    import grpc
+
+    from conclave.core.types import SecAggStep
+    from conclave.transport.grpc import stage_serde
+
+    service, server = one_slot
+    stall = threading.Event()
+    header = next(stage_serde.stage_upload_messages("run-7", "p0", 1, SecAggStep.SHARE,
+                                                    b"x" * 10, 4))
+
+    def stalled():  # type: ignore[no-untyped-def]
+        yield header
+        stall.wait(20)
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        future = stub.SubmitStage.future(stalled(), timeout=20)
+        time.sleep(0.5)  # the server now holds the only slot, reading
+        with GrpcCoordinatorClient(server.address, timeout_s=5.0) as client:
+            started = time.monotonic()
+            with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED.*busy"):
+                client.submit_stage("run-7", "p1", 1, SecAggStep.SHARE, b"y")
+            client.heartbeat("run-7", "p1", {})
+            assert time.monotonic() - started < 2.0
+            stall.set()  # the stalled upload ends (short of its declared size: refused)
+            with pytest.raises(grpc.RpcError):
+                future.result(timeout=10)
+            assert client.submit_stage("run-7", "p1", 1, SecAggStep.SHARE, b"y").accepted

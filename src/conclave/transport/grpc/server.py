@@ -185,6 +185,20 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     del self._polls_by[participant]
             self._poll_slots.release()
 
+    def _reading(self, read: Callable[[], _R]) -> _R:
+        """Read an upload's stream while holding one of the long-poll slots: a client that
+        starts uploads and stalls them holds worker threads as a long poll does, so uploads
+        share that pool and can never take the workers Join and Heartbeat rely on. Over the
+        limit, the upload is refused as busy (the participant backs off and sends it again)."""
+        if not self._poll_slots.acquire(blocking=False):
+            raise TransportError(
+                f"coordinator busy: {self._slot_count} calls already hold its workers; "
+                "retry later")
+        try:
+            return read()
+        finally:
+            self._poll_slots.release()
+
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         def call() -> pb.JoinReply:
             _check(request.protocol_version)
@@ -231,7 +245,8 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         update = _received(
             context,
             "SubmitUpdate",
-            lambda: serde.update_from_messages(request_iterator, max_bytes=self._max_model_bytes),
+            lambda: self._reading(lambda: serde.update_from_messages(
+                request_iterator, max_bytes=self._max_model_bytes)),
         )
         def call() -> pb.Verdict:
             self._check_session(context, update.participant)
@@ -282,9 +297,8 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         sub = _received(
             context,
             "SubmitStage",
-            lambda: stage_serde.stage_submission_from_messages(
-                request_iterator, max_bytes=self._max_stage_bytes
-            ),
+            lambda: self._reading(lambda: stage_serde.stage_submission_from_messages(
+                request_iterator, max_bytes=self._max_stage_bytes)),
         )
 
         def call() -> pb.Verdict:
