@@ -281,12 +281,8 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             _check(request.protocol_version)
             fetch = stage_serde.fetch_stage_request_from_proto(request)
             self._check_session(context, fetch.participant)
-            stage = self._long_poll(
-                context, fetch.participant, fetch.wait_s,
-                lambda wait: self._service.fetch_stage(
-                    fetch.run_id, fetch.participant, fetch.round, fetch.step, wait),
-                lambda got: got.payload is not None or got.aborted,
-            )
+            stage = self._wait_for_stage(context, fetch.run_id, fetch.participant, fetch.round,
+                                         fetch.step, fetch.wait_s)
             return stage_serde.stage_messages(stage, self._chunk_bytes)
 
         yield from _guarded(context, "FetchStage", call)
@@ -316,18 +312,23 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
         return _guarded(context, "SubmitStage", call)
 
+    def _wait_for_stage(self, context: grpc.ServicerContext, run_id: str, participant: str,
+                        round: int, step: SecAggStep, wait_s: float) -> StageInput:
+        """A step's input, long-polled for up to ``wait_s`` (FetchStage, or after an upload)."""
+        return self._long_poll(
+            context, participant, wait_s,
+            lambda wait: self._service.fetch_stage(run_id, participant, round, step, wait),
+            lambda got: got.payload is not None or got.aborted,
+        )
+
     def _next_stage(self, context: grpc.ServicerContext, sub: stage_serde.StageSubmission,
                     step: SecAggStep) -> StageInput | None:
         """The input of the step after ``sub``, waited for like a FetchStage; None when it is
         not ready in time, too big for one message, or the wait is refused. The upload is
         accepted whatever happens here: the participant then fetches the input itself."""
         try:
-            stage = self._long_poll(
-                context, sub.participant, sub.wait_next_s,
-                lambda wait: self._service.fetch_stage(
-                    sub.run_id, sub.participant, sub.round, step, wait),
-                lambda got: got.payload is not None or got.aborted,
-            )
+            stage = self._wait_for_stage(context, sub.run_id, sub.participant, sub.round, step,
+                                         sub.wait_next_s)
         except ConclaveError as exc:
             _log.debug("no next-step input for %s: %s", sub.participant, exc)
             return None
