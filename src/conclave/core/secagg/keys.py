@@ -78,10 +78,6 @@ class RoundKeys:
         return cls(c_private=c, s_private=s, self_mask_seed=_fresh(random_bytes, KEY_BYTES),
                    c_public=x25519_public(c), s_public=x25519_public(s))
 
-    @property
-    def s_private_bytes(self) -> bytes:
-        return self.s_private
-
 
 def x25519_public(private: bytes) -> bytes:
     """The X25519 public key of a raw 32-byte private key."""

@@ -150,7 +150,7 @@ class SecAggParticipant:
             )
         holders = sorted(self._adverts)
         b_shares, s_shares = shamir.share_secrets(
-            [own.self_mask_seed, own.s_private_bytes],
+            [own.self_mask_seed, own.s_private],
             threshold=cfg.threshold,
             xs=[cfg.x_of(v) for v in holders],
             random_bytes=self._random_bytes,
